@@ -1,0 +1,22 @@
+"""textune: fine-tune pretrained language models for text classification."""
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):  # lazy: `import textune` stays fast, the CLI's --help too
+    if name in ("train", "evaluate_run"):
+        from . import api
+
+        return getattr(api, name)
+    if name in ("load", "Classifier"):
+        from . import classifier
+
+        return getattr(classifier, name)
+    if name == "RunConfig":
+        from .config import RunConfig
+
+        return RunConfig
+    raise AttributeError(name)
+
+
+__all__ = ["train", "evaluate_run", "load", "Classifier", "RunConfig", "__version__"]

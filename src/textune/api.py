@@ -1,0 +1,279 @@
+"""The jobs behind the CLI: ``train`` (data -> run folder with metrics) and ``evaluate_run``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .classifier import Classifier, build_model, load
+from .config import RunConfig
+from .data import (Encoded, Table, build_label_names, choose_max_length, encode, limit_indices,
+                   model_max_length, read_table, resolve_data, save_labels, split_indices)
+from .errors import UserError
+from .metrics import classification_metrics
+from .modeling import count_params, load_tokenizer, resolve_model
+from .strategies import get_strategy
+from .train import (CKPT, FeatureData, amp_dtype, build_accelerator, fit, predict_logits)
+
+log = logging.getLogger(__name__)
+
+
+def prepare_out_dir(out: str | Path, overwrite: bool) -> Path:
+    """Create the run folder; never clobber anything that is not a textune run."""
+    if not str(out):
+        raise UserError("--out DIR is required: the folder the run is written to")
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"--out {p}: is a file; choose a folder")
+    if p.exists() and any(p.iterdir()):
+        if not overwrite:
+            raise UserError(f"--out {p}: folder exists and is not empty; choose a new folder, "
+                            f"pass --resume {p} to continue it, or --overwrite to replace it")
+        if not (p / "config.json").exists():
+            raise UserError(f"--out {p}: not a textune run folder, so --overwrite will not "
+                            f"delete it; choose another folder")
+        shutil.rmtree(p)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Splits:
+    train: Table
+    val: Table
+    test: Table
+    labels: list[str]
+    split: dict
+
+
+def load_splits(cfg: RunConfig) -> Splits:
+    """Read the data and make train / val / test (stratified, duplicates kept together)."""
+    d = cfg.data
+    cols = {"text_col": d.text_col, "label_col": d.label_col, "pair_col": d.text_pair_col}
+    main = read_table(resolve_data(d.data), **cols)
+    val = read_table(resolve_data(d.val), **cols) if d.val else None
+    test = read_table(resolve_data(d.test), **cols) if d.test else None
+    tr, va, te = split_indices(main, d.val_fraction, d.test_fraction, cfg.train.seed,
+                               need=(val is None, test is None))
+    train = main.subset(tr)
+    val = val or main.subset(va)
+    test = test or main.subset(te)
+    n_full = len(train)
+    assert train.labels is not None
+    train = train.subset(limit_indices(list(range(len(train))), train.labels, d.limit,
+                                       cfg.train.seed))
+    labels = build_label_names(train.labels)
+    if len(labels) < 2:
+        raise UserError(f"{d.data}: the training split has one class only; check --label-col "
+                        f"or raise --limit")
+    split = {"train": len(train), "train_before_limit": n_full, "val": len(val),
+             "test": len(test), "source": "files" if (d.val or d.test) else
+             f"stratified split of {d.data} (seed {cfg.train.seed})"}
+    return Splits(train, val, test, labels, split)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dict:
+    """Fine-tune, evaluate on the held-out test split, and write the run folder.
+
+    Returns the metrics written to ``metrics.json``.
+    """
+    cfg.validate()
+    out = Path(cfg.out) if resume else prepare_out_dir(cfg.out, False)
+    t0 = time.perf_counter()
+    src = resolve_model(cfg.model.model)
+    tokenizer = load_tokenizer(src)
+    splits = load_splits(cfg)
+    from transformers import AutoConfig
+
+    cap = model_max_length(tokenizer, AutoConfig.from_pretrained(src))
+    if cfg.data.max_length is None:
+        cfg.data.max_length = choose_max_length(tokenizer, splits.train, cap, seed=cfg.train.seed)
+        log.info("max length %d tokens (covers ~99%% of the training texts)", cfg.data.max_length)
+    elif cfg.data.max_length > cap:
+        raise UserError(f"--max-length {cfg.data.max_length}: the model takes at most {cap}")
+    enc = {name: encode(tokenizer, getattr(splits, name), cfg.data.max_length,
+                        cfg.data.truncation, splits.labels) for name in ("train", "val", "test")}
+
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg, len(splits.labels), src)
+    cfg.model.pooling = model.pooling
+    strategy = get_strategy(cfg.strategy.name, **cfg.strategy.options())
+    model = strategy.setup(model)
+    if cfg.strategy.name == "lora":
+        cfg.strategy.lora_targets = strategy.options["targets"]
+    lr = cfg.train.lr or strategy.default_lr
+    cfg.train.lr = lr
+    accelerator = build_accelerator(cfg.train.precision)
+    device = accelerator.device
+    trainable, total = count_params(model)
+    log.info("%s on %s: %s of %s parameters train; %d train / %d val / %d test rows",
+             strategy.name, device, f"{trainable:,}", f"{total:,}", len(splits.train),
+             len(splits.val), len(splits.test))
+
+    if accelerator.is_main_process and not resume:
+        cfg.model.model = resolve_model_key(cfg.model.model)
+        cfg.save(out / "config.json")
+        save_labels(splits.labels, out / "labels.json")
+        tokenizer.save_pretrained(out / "tokenizer")
+
+    class_weights = None
+    if cfg.train.class_weights == "auto":
+        counts = np.bincount(enc["train"].labels, minlength=len(splits.labels)).astype(np.float64)
+        class_weights = torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)),
+                                     dtype=torch.float32)
+        log.info("class weights %s", np.round(class_weights.numpy(), 3).tolist())
+
+    train_data: Encoded | FeatureData = enc["train"]
+    val_data: Encoded | FeatureData = enc["val"]
+    feature_seconds = 0.0
+    if strategy.precompute_features:
+        tf = time.perf_counter()
+        model.to(device)
+        train_data = compute_features(model, enc["train"], cfg, device, amp_dtype(accelerator),
+                                      progress)
+        val_data = compute_features(model, enc["val"], cfg, device, amp_dtype(accelerator),
+                                    progress)
+        feature_seconds = time.perf_counter() - tf
+
+    best_state: dict[str, torch.Tensor] = {}
+
+    def on_best() -> None:  # `model` shares its parameters with whatever fit() wraps it in
+        best_state.clear()
+        best_state.update({n: p.detach().cpu().clone() for n, p in model.named_parameters()
+                           if p.requires_grad})
+        strategy.save(model, out)
+
+    def evaluate(logits: np.ndarray) -> dict:
+        return classification_metrics(val_data.labels, logits, splits.labels)
+
+    state = fit(model, train_data, val_data, cfg.train, lr=lr, accelerator=accelerator,
+                run_dir=out, evaluate=evaluate, on_best=on_best, class_weights=class_weights,
+                progress=progress, resume=resume)
+    model = accelerator.unwrap_model(model)
+    if best_state:
+        model.load_state_dict(best_state, strict=False)
+        model.to(device)
+    elif resume and state.best_epoch > 0:  # best was saved by the interrupted process
+        model = strategy.load(_rebuild_for_load(cfg, splits, strategy, out), out).to(device)
+
+    test_logits = predict_logits(model, enc["test"], cfg.train.eval_batch_size, device,
+                                 amp_dtype(accelerator), progress=progress, desc="test")
+    metrics = classification_metrics(enc["test"].labels, test_logits, splits.labels)
+    train_seconds = state.train_seconds + feature_seconds
+    metrics.update({
+        "split": "test",
+        "splits": splits.split,
+        "model": cfg.model.model,
+        "strategy": strategy.describe(),
+        "max_length": cfg.data.max_length,
+        "epochs_run": state.epoch,
+        "steps": state.step,
+        "best_epoch": state.best_epoch,
+        "best_val_macro_f1": state.best_metric if state.best_metric > -1 else None,
+        "stopped_early": state.stopped_early,
+        "train_seconds": round(train_seconds, 3),
+        "feature_seconds": round(feature_seconds, 3),
+        "train_samples_per_second": round(state.samples / max(train_seconds, 1e-9), 3),
+        "total_seconds": round(time.perf_counter() - t0, 3),
+        "trainable_params": trainable,
+        "total_params": total,
+        "peak_memory_mb": round(_peak_memory_mb(device), 1),
+        "device": str(device),
+        "precision": accelerator.mixed_precision,
+        "saved_bytes": saved_bytes(out),
+        "textune_version": __version__,
+    })
+    if accelerator.is_main_process:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+        shutil.rmtree(out / CKPT, ignore_errors=True)  # finished: the checkpoint is not needed
+    return metrics
+
+
+def resolve_model_key(spec: str) -> str:
+    """What to write in config.json so the run reloads elsewhere: catalog names and hub ids as
+    given, local paths made absolute."""
+    from . import hub
+
+    p = Path(spec).expanduser()
+    if spec in hub.CATALOG or not p.exists():
+        return spec
+    return str(p.resolve())
+
+
+def _rebuild_for_load(cfg, splits, strategy, out):
+    saved = strategy.saved_backbone(out)
+    return build_model(cfg, len(splits.labels), str(saved) if saved else None)
+
+
+def saved_bytes(run: Path) -> int:
+    """Size on disk of what reloading needs (weights, adapter, head), not of logs."""
+    total = 0
+    for p in run.rglob("*"):
+        if p.is_file() and CKPT not in p.parts and p.suffix in (".safetensors", ".bin", ".pt"):
+            total += p.stat().st_size
+    return total
+
+
+@torch.inference_mode()
+def compute_features(model, data: Encoded, cfg: RunConfig, device, amp, progress) -> FeatureData:
+    """Backbone features for every row, once: inference mode, length-sorted batches."""
+    from tqdm.auto import tqdm
+
+    from .data import batch_indices
+
+    model.eval()
+    feats = torch.zeros(len(data), model.hidden_size)
+    batches = batch_indices(data.lengths, len(data), cfg.train.eval_batch_size, shuffle=False)
+    for idx in tqdm(batches, desc="features", disable=not progress, leave=False, mininterval=1):
+        b = {k: v.to(device) for k, v in data.collate(idx).items() if k != "labels"}
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            feats[idx] = model.features(**b).float().cpu()
+    model.train()
+    return FeatureData(feats, data.labels)
+
+
+def evaluate_run(run: str | Path, data: str, out: str | Path | None = None, *,
+                 text_col=None, label_col=None, pair_col=None, progress: bool = True) -> dict:
+    """Metrics of a saved run on a labelled file (or catalog dataset)."""
+    clf: Classifier = load(run)
+    table = read_table(resolve_data(data), text_col=text_col or clf.config.data.text_col,
+                       label_col=label_col or clf.config.data.label_col,
+                       pair_col=pair_col or clf.config.data.text_pair_col)
+    t = time.perf_counter()
+    metrics = clf.evaluate(table, progress=progress)
+    secs = time.perf_counter() - t
+    metrics.update({"split": f"all rows of {data}", "run": str(run), "seconds": round(secs, 3),
+                    "examples_per_second": round(len(table) / secs, 2)})
+    if out:
+        o = prepare_out_dir(out, False) if not Path(out).exists() or not any(Path(out).iterdir()) \
+            else None
+        if o is None:
+            raise UserError(f"--out {out}: folder exists and is not empty; choose a new folder")
+        (o / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    return metrics
+
+
+__all__ = ["train", "evaluate_run", "load", "load_splits", "prepare_out_dir"]

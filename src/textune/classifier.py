@@ -1,0 +1,91 @@
+"""A trained run, reloaded: ``textune.load(RUN).predict(texts)``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import RunConfig
+from .data import Encoded, Table, encode
+from .errors import UserError
+from .metrics import classification_metrics, softmax
+from .modeling import TextClassifier, load_backbone, load_tokenizer, resolve_model
+from .strategies import get_strategy
+
+
+def build_model(cfg: RunConfig, num_labels: int, base: str | None = None) -> TextClassifier:
+    """The classifier described by ``cfg`` on its base backbone (weights not yet loaded)."""
+    src = base or resolve_model(cfg.model.model)
+    return TextClassifier(load_backbone(src), num_labels, cfg.model.pooling, cfg.model.head,
+                          cfg.model.head_dropout)
+
+
+class Classifier:
+    """A trained text classifier with its tokenizer, labels and settings."""
+
+    def __init__(self, model: TextClassifier, tokenizer, labels: list[str], config: RunConfig,
+                 device: str | torch.device = "cpu"):
+        self.model = model.eval().to(device)
+        self.tokenizer = tokenizer
+        self.labels = labels
+        self.config = config
+        self.device = torch.device(device)
+
+    def encode(self, texts: list[str], pairs: list[str] | None = None) -> Encoded:
+        return encode(self.tokenizer, Table(list(texts), None, pairs, "input"),
+                      self.config.data.max_length, self.config.data.truncation)
+
+    def logits(self, texts: list[str], pairs: list[str] | None = None,
+               batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        from .train import predict_logits
+
+        if isinstance(texts, str):
+            raise UserError("predict() takes a list of texts; wrap a single text in a list")
+        if len(texts) == 0:
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
+        enc = self.encode(texts, pairs)
+        amp = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() \
+            else None
+        return predict_logits(self.model, enc, batch_size, self.device, amp, progress=progress,
+                              desc="predict")
+
+    def predict_proba(self, texts: list[str], pairs: list[str] | None = None,
+                      batch_size: int = 64) -> np.ndarray:
+        """Class probabilities, ``[len(texts), len(labels)]``, columns in ``self.labels`` order."""
+        return softmax(self.logits(texts, pairs, batch_size))
+
+    def predict(self, texts: list[str], pairs: list[str] | None = None,
+                batch_size: int = 64) -> list[str]:
+        return [self.labels[i] for i in self.logits(texts, pairs, batch_size).argmax(-1)]
+
+    def evaluate(self, table: Table, batch_size: int = 64, progress: bool = False) -> dict:
+        from .data import encode_labels
+
+        assert table.labels is not None
+        y = encode_labels(table.labels, self.labels, table.source)
+        logits = self.logits(table.texts, table.pairs, batch_size, progress=progress)
+        return classification_metrics(y, logits, self.labels)
+
+
+def load(run_dir: str | Path, device: str | None = None) -> Classifier:
+    """Reload a run folder written by ``textune train``."""
+    run = Path(run_dir)
+    if not (run / "config.json").exists() or not (run / "labels.json").exists():
+        raise UserError(f"{run}: not a textune run folder (no config.json / labels.json); pass "
+                        f"the --out folder of a finished `textune train`")
+    cfg = RunConfig.load(run / "config.json")
+    labels = json.loads((run / "labels.json").read_text(encoding="utf-8"))
+    strategy = get_strategy(cfg.strategy.name, **cfg.strategy.options())
+    saved = strategy.saved_backbone(run)
+    model = build_model(cfg, len(labels), str(saved) if saved else None)
+    try:
+        model = strategy.load(model, run)
+    except FileNotFoundError as e:
+        raise UserError(f"{run}: weights missing ({Path(e.filename or '').name}); the run did "
+                        f"not finish, or files were removed") from None
+    tokenizer = load_tokenizer(str(run / "tokenizer"))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return Classifier(model, tokenizer, labels, cfg, device)

@@ -1,0 +1,268 @@
+"""`textune` command line. The only module that prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import UserError
+
+log = logging.getLogger("textune")
+
+
+def _int_or_none(s: str) -> int | None:
+    return None if s.lower() in ("none", "") else int(s)
+
+
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by `train` and `compare`."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="minilm-l6",
+                   help="catalog name (textune list), local HF folder, .gguf file or hub id")
+    g.add_argument("--pooling", default="auto", choices=["auto", "cls", "mean", "last"],
+                   help="auto: mean for encoders, last token for decoders")
+    g.add_argument("--head", default="linear", choices=["linear", "mlp"])
+    g.add_argument("--head-dropout", type=float, default=0.1)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="catalog dataset or CSV/TSV/JSONL/Parquet file")
+    g.add_argument("--val", help="validation file (default: split from --data)")
+    g.add_argument("--test", help="test file (default: split from --data)")
+    g.add_argument("--text-col")
+    g.add_argument("--label-col")
+    g.add_argument("--text-pair-col")
+    g.add_argument("--limit", type=int, help="cap training rows (stratified sample)")
+    g.add_argument("--max-length", type=int, help="tokens per text (default: covers ~99%%)")
+    g.add_argument("--truncation", default="head", choices=["head", "head-tail"])
+    g.add_argument("--val-fraction", type=float, default=0.1)
+    g.add_argument("--test-fraction", type=float, default=0.1)
+    g = p.add_argument_group("strategy")
+    g.add_argument("--lora-r", type=int, default=8)
+    g.add_argument("--lora-alpha", type=int, help="default 2 x r")
+    g.add_argument("--lora-dropout", type=float, default=0.05)
+    g.add_argument("--lora-targets", help="comma-separated module names (default: per architecture)")
+    g.add_argument("--adapter-reduction", type=int, default=16,
+                   help="bottleneck adapters: hidden size / bottleneck size")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=3)
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--eval-batch-size", type=int, default=128)
+    g.add_argument("--lr", type=float, help="peak learning rate (default per strategy)")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--warmup-ratio", type=float, default=0.06)
+    g.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"])
+    g.add_argument("--grad-accum", type=int, default=1)
+    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--max-steps", type=int)
+    g.add_argument("--patience", type=int, help="early stop after N epochs without macro-F1 gain")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    g.add_argument("--class-weights", default="none", choices=["none", "auto"])
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps too")
+    g.add_argument("--log-every", type=int, default=20)
+
+
+def config_from_args(a: argparse.Namespace, strategy: str):
+    from .config import DataArgs, ModelArgs, RunConfig, StrategyArgs, TrainArgs
+
+    return RunConfig(
+        data=DataArgs(a.data, a.val, a.test, a.text_col, a.label_col, a.text_pair_col, a.limit,
+                      a.max_length, a.truncation, a.val_fraction, a.test_fraction),
+        model=ModelArgs(a.model, a.pooling, a.head, a.head_dropout),
+        strategy=StrategyArgs(strategy, a.lora_r, a.lora_alpha, a.lora_dropout,
+                              a.lora_targets.split(",") if a.lora_targets else None,
+                              a.adapter_reduction),
+        train=TrainArgs(a.epochs, a.batch_size, a.eval_batch_size, a.lr, a.weight_decay,
+                        a.warmup_ratio, a.schedule, a.grad_accum, a.max_grad_norm, a.max_steps,
+                        a.patience, a.seed, a.precision, a.class_weights, a.save_every,
+                        a.log_every),
+        out=a.out or "",
+    )
+
+
+def _summary(m: dict) -> str:
+    lines = [f"accuracy {m['accuracy']:.4f}   macro-F1 {m['macro_f1']:.4f}   "
+             f"(n={m['n_eval']}, {m.get('split', '')})"]
+    width = max(len(n) for n in m["per_class"])
+    for n, c in m["per_class"].items():
+        lines.append(f"  {n:<{width}}  P {c['precision']:.3f}  R {c['recall']:.3f}  "
+                     f"F1 {c['f1']:.3f}  n={c['support']}")
+    return "\n".join(lines)
+
+
+def cmd_train(a) -> int:
+    from .api import train
+    from .config import RunConfig
+
+    if a.resume:
+        run = Path(a.resume)
+        if not (run / "config.json").exists():
+            raise UserError(f"--resume {run}: not a textune run folder (no config.json)")
+        cfg = RunConfig.load(run / "config.json")
+        cfg.out = str(run)
+        m = train(cfg, progress=not a.quiet, resume=True)
+    else:
+        if not a.data:
+            raise UserError("--data is required (a catalog dataset or a file)")
+        cfg = config_from_args(a, a.strategy)
+        if a.overwrite:
+            from .api import prepare_out_dir
+
+            prepare_out_dir(cfg.out, True)
+        m = train(cfg, progress=not a.quiet)
+    print(_summary(m))
+    print(f"train {m['train_seconds']:.1f}s ({m['train_samples_per_second']:.1f} samples/s), "
+          f"{m['trainable_params']:,} of {m['total_params']:,} parameters trained")
+    print(f"run folder: {cfg.out}  (metrics.json, reload with textune.load)")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from .api import evaluate_run
+
+    m = evaluate_run(a.run, a.data, a.out, text_col=a.text_col, label_col=a.label_col,
+                     pair_col=a.text_pair_col, progress=not a.quiet)
+    print(_summary(m))
+    if a.out:
+        print(f"metrics: {Path(a.out) / 'metrics.json'}")
+    return 0
+
+
+def cmd_predict(a) -> int:
+    from .classifier import load
+    from .data import read_table
+
+    if a.output and Path(a.output).exists() and not a.overwrite:
+        raise UserError(f"--output {a.output}: exists; choose a new file or pass --overwrite")
+    clf = load(a.run)
+    if a.input == "-":
+        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        if not texts:
+            raise UserError("--input -: no text lines on standard input")
+        pairs = None
+    else:
+        t = read_table(a.input, text_col=a.text_col, require_labels=False)
+        texts, pairs = t.texts, t.pairs
+    probs = clf.predict_proba(texts, pairs, batch_size=a.batch_size)
+    rows = [{"text": t, "label": clf.labels[int(p.argmax())],
+             **{f"p_{n}": round(float(x), 6) for n, x in zip(clf.labels, p)}}
+            for t, p in zip(texts, probs)]
+    fmt = "jsonl" if (a.output or "").endswith((".jsonl", ".json")) or not a.output and a.jsonl \
+        else "csv"
+    out = open(a.output, "w", encoding="utf-8", newline="") if a.output else sys.stdout
+    try:
+        if fmt == "jsonl":
+            for r in rows:
+                out.write(json.dumps(r, ensure_ascii=False) + "\n")
+        else:
+            import csv
+
+            w = csv.DictWriter(out, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    finally:
+        if a.output:
+            out.close()
+    if a.output:
+        print(f"{len(rows)} predictions -> {a.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_list(a) -> int:
+    from . import hub
+
+    print(f"cache: {hub.home()}")
+    for kind in ("model", "dataset", "corpus"):
+        print(f"\n{kind}s:" if kind != "corpus" else "\ncorpora (for pretrain):")
+        for n in hub.catalog_names(kind):
+            e = hub.CATALOG[n]
+            flag = "cached" if e.cached else "-"
+            print(f"  {n:<15} {flag:<7} {e.description}  [{e.license}]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="textune", description=__doc__)
+    p.add_argument("--version", action="version", version=f"textune {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    t = sub.add_parser("train", help="fine-tune a classifier and evaluate it")
+    t.add_argument("--strategy", default="full", help="full | frozen | lora")
+    t.add_argument("--out", help="run folder (must not exist or be empty)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run folder (only a textune run folder)")
+    t.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its folder")
+    add_train_flags(t)
+    t._option_string_actions["--data"].required = False
+    common(t)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="metrics of a trained run on labelled data")
+    e.add_argument("run")
+    e.add_argument("--data", required=True)
+    e.add_argument("--out")
+    e.add_argument("--text-col")
+    e.add_argument("--label-col")
+    e.add_argument("--text-pair-col")
+    common(e)
+    e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("predict", help="label new texts with a trained run")
+    r.add_argument("run")
+    r.add_argument("--input", required=True, help="CSV/TSV/JSONL file, or - for lines on stdin")
+    r.add_argument("--output", help="CSV or JSONL file (default: CSV on stdout)")
+    r.add_argument("--jsonl", action="store_true", help="JSONL on stdout")
+    r.add_argument("--text-col")
+    r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--overwrite", action="store_true")
+    common(r)
+    r.set_defaults(func=cmd_predict)
+
+    lp = sub.add_parser("list", help="catalog models and datasets, and whether each is cached")
+    common(lp)
+    lp.set_defaults(func=cmd_list)
+    return p
+
+
+def setup_logging(debug: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
+                        format="%(levelname).1s %(message)s" if not debug else
+                        "%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for noisy in ("httpx", "urllib3", "filelock", "accelerate", "torch"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # pragma: no cover
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    setup_logging(a.debug)
+    try:
+        return a.func(a)
+    except UserError as e:
+        if a.debug:
+            raise
+        print(f"textune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("textune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

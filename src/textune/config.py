@@ -1,0 +1,138 @@
+"""Run configuration: nested dataclasses, validated, saved in every run folder."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .errors import UserError
+
+
+@dataclass
+class DataArgs:
+    data: str = ""
+    """Catalog dataset name or a CSV / TSV / JSONL / Parquet file."""
+    val: str | None = None
+    test: str | None = None
+    text_col: str | None = None
+    label_col: str | None = None
+    text_pair_col: str | None = None
+    limit: int | None = None
+    """Cap on training rows (a stratified sample); validation and test are not capped."""
+    max_length: int | None = None
+    """Tokens per text; default covers ~99% of the data, capped by the model."""
+    truncation: str = "head"
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+
+
+@dataclass
+class ModelArgs:
+    model: str = "minilm-l6"
+    pooling: str = "auto"
+    head: str = "linear"
+    head_dropout: float = 0.1
+
+
+@dataclass
+class StrategyArgs:
+    name: str = "full"
+    lora_r: int = 8
+    lora_alpha: int | None = None
+    lora_dropout: float = 0.05
+    lora_targets: list[str] | None = None
+    adapter_reduction: int = 16
+
+    def options(self) -> dict:
+        if self.name == "lora":
+            return {"r": self.lora_r, "alpha": self.lora_alpha, "dropout": self.lora_dropout,
+                    "targets": self.lora_targets}
+        if self.name == "adapter":
+            return {"reduction": self.adapter_reduction}
+        return {}
+
+
+@dataclass
+class TrainArgs:
+    epochs: int = 3
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    lr: float | None = None
+    """Peak learning rate; default depends on the strategy."""
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    schedule: str = "linear"
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    max_steps: int | None = None
+    patience: int | None = None
+    seed: int = 0
+    precision: str = "auto"
+    class_weights: str = "none"
+    save_every: int = 0
+    """Also checkpoint every N optimizer steps (0: only at the end of each epoch)."""
+    log_every: int = 20
+
+
+@dataclass
+class RunConfig:
+    data: DataArgs = field(default_factory=DataArgs)
+    model: ModelArgs = field(default_factory=ModelArgs)
+    strategy: StrategyArgs = field(default_factory=StrategyArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    out: str = ""
+
+    def validate(self) -> RunConfig:
+        t, d = self.train, self.data
+        checks = [
+            (t.epochs >= 1, "--epochs must be >= 1"),
+            (t.batch_size >= 1, "--batch-size must be >= 1"),
+            (t.grad_accum >= 1, "--grad-accum must be >= 1"),
+            (t.lr is None or t.lr > 0, "--lr must be > 0"),
+            (0 <= t.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
+            (t.schedule in ("linear", "cosine", "constant"),
+             "--schedule: choose linear, cosine or constant"),
+            (t.precision in ("auto", "fp32", "bf16", "fp16"),
+             "--precision: choose auto, fp32, bf16 or fp16"),
+            (t.class_weights in ("none", "auto"), "--class-weights: choose none or auto"),
+            (t.max_steps is None or t.max_steps >= 1, "--max-steps must be >= 1"),
+            (t.patience is None or t.patience >= 1, "--patience must be >= 1"),
+            (d.limit is None or d.limit >= 2, "--limit must be >= 2"),
+            (d.max_length is None or d.max_length >= 8, "--max-length must be >= 8"),
+            (d.truncation in ("head", "head-tail"), "--truncation: choose head or head-tail"),
+            (0 < d.val_fraction < 0.5 and 0 < d.test_fraction < 0.5,
+             "--val-fraction and --test-fraction must be in (0, 0.5)"),
+            (self.strategy.lora_r >= 1, "--lora-r must be >= 1"),
+            (self.strategy.adapter_reduction >= 1, "--adapter-reduction must be >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(msg)
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        groups = {f.name: f.type for f in fields(cls)}
+        unknown = set(d) - set(groups)
+        if unknown:
+            raise UserError(f"config: unknown keys {sorted(unknown)}")
+        kw = {}
+        for name, sub in (("data", DataArgs), ("model", ModelArgs), ("strategy", StrategyArgs),
+                          ("train", TrainArgs)):
+            vals = d.get(name, {})
+            bad = set(vals) - {f.name for f in fields(sub)}
+            if bad:
+                raise UserError(f"config: unknown keys in {name}: {sorted(bad)}")
+            kw[name] = sub(**vals)
+        return cls(out=d.get("out", ""), **kw)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> RunConfig:
+        return cls.from_dict(json.loads(path.read_text()))

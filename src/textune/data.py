@@ -1,0 +1,369 @@
+"""Read labelled files, map labels, split, tokenize, and batch by length.
+
+Everything the user can get wrong here raises :class:`UserError` with the file, row or flag
+and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+TEXT_NAMES = ("text", "texts", "sentence", "sentence1", "review", "content", "document", "body",
+              "comment", "tweet", "utterance", "message", "query", "question", "abstract", "title")
+LABEL_NAMES = ("label", "labels", "class", "category", "sentiment", "target", "y", "intent",
+               "topic", "polarity", "gold_label", "tag")
+PAIR_NAMES = ("text_pair", "sentence2", "pair", "hypothesis", "context")
+
+
+@dataclass
+class Table:
+    """Parsed rows of a labelled (or unlabelled) file."""
+
+    texts: list[str]
+    labels: list[str] | None
+    pairs: list[str] | None
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, idx) -> Table:
+        pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
+        return Table(pick(self.texts), pick(self.labels), pick(self.pairs), self.source)
+
+
+def resolve_data(spec: str | Path) -> Path:
+    """A catalog dataset name or a path to a file -> a local file."""
+    from . import hub
+
+    s = str(spec)
+    if s in hub.CATALOG and hub.CATALOG[s].kind == "dataset":
+        return hub.fetch(s) / "data.csv"
+    p = Path(s).expanduser()
+    if not p.exists():
+        names = ", ".join(hub.catalog_names("dataset"))
+        raise UserError(f"--data {s}: no such file, and not a catalog dataset ({names})")
+    if p.is_dir():
+        raise UserError(f"--data {s} is a folder; pass a .csv, .tsv, .jsonl or .parquet file")
+    return p
+
+
+def _read_frame(path: Path):
+    import pandas as pd
+
+    suffix = path.suffix.lower()
+    with open(path, "rb") as f:
+        head = f.read(8192)
+    if suffix != ".parquet" and b"\x00" in head:
+        raise UserError(f"{path}: looks like a binary file, not CSV/TSV/JSONL text; pass a text "
+                        f"file or a .parquet file")
+    try:
+        if suffix == ".parquet":
+            return pd.read_parquet(path)
+        if suffix in (".jsonl", ".ndjson"):
+            return pd.read_json(path, lines=True, dtype=False)
+        if suffix == ".json":
+            try:
+                return pd.read_json(path, dtype=False)
+            except ValueError:
+                return pd.read_json(path, lines=True, dtype=False)
+        sep = "\t" if suffix in (".tsv", ".tab") else ("," if suffix == ".csv" else None)
+        if sep is None:  # .txt or no suffix: guess from the header line
+            first = head.split(b"\n", 1)[0]
+            sep = "\t" if b"\t" in first else ","
+        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""],
+                           encoding="utf-8", on_bad_lines="error")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not valid UTF-8 (byte {e.start}); re-save it as UTF-8") from None
+    except ImportError as e:
+        raise UserError(f"{path}: reading {suffix} needs an extra package ({e.name}); "
+                        f"pip install pyarrow") from None
+    except Exception as e:  # pandas' parser errors name the line
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: could not be parsed as {suffix or 'CSV'} ({msg})") from None
+
+
+def _pick(columns: list[str], flag: str, given: str | None, names: tuple[str, ...], path: Path,
+          required: bool) -> str | None:
+    if given is not None:
+        if given not in columns:
+            raise UserError(f"{path}: no column {given!r} ({flag}); columns found: "
+                            f"{', '.join(map(str, columns))}")
+        return given
+    lower = {str(c).lower(): c for c in columns}
+    for n in names:
+        if n in lower:
+            return lower[n]
+    if required:
+        raise UserError(f"{path}: cannot tell which column is the {flag[2:].replace('-col', '')}; "
+                        f"columns found: {', '.join(map(str, columns))}; pass {flag} NAME")
+    return None
+
+
+def read_table(path: str | Path, *, text_col: str | None = None, label_col: str | None = None,
+               pair_col: str | None = None, require_labels: bool = True) -> Table:
+    """Read CSV / TSV / JSONL / Parquet into a :class:`Table`.
+
+    Rows with an empty text (or missing label) are dropped with a warning; if none remain it is
+    an error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    df = _read_frame(path)
+    cols = list(df.columns)
+    if len(df) == 0:
+        raise UserError(f"{path}: has no rows")
+    tcol = _pick(cols, "--text-col", text_col, TEXT_NAMES, path, True)
+    lcol = _pick(cols, "--label-col", label_col, LABEL_NAMES, path, require_labels)
+    pcol = _pick(cols, "--text-pair-col", pair_col, PAIR_NAMES, path, False) if pair_col else None
+    texts = ["" if _isna(t) else str(t) for t in df[tcol].tolist()]
+    keep = [i for i, t in enumerate(texts) if t.strip()]
+    labels = None
+    if lcol is not None:
+        raw = df[lcol].tolist()
+        labels_all = [None if _isna(y) else _label_str(y) for y in raw]
+        missing = [i for i in keep if labels_all[i] is None]
+        if missing:
+            log.warning("%s: %d rows have no label (first: row %d) and were dropped", path,
+                        len(missing), missing[0] + 2)
+            keep = [i for i in keep if labels_all[i] is not None]
+        labels = [labels_all[i] for i in keep]
+    n_empty = sum(1 for t in texts if not t.strip())
+    if n_empty:
+        log.warning("%s: %d rows have an empty text and were dropped", path, n_empty)
+    if not keep:
+        raise UserError(f"{path}: no rows left after dropping {len(texts)} with an empty text or "
+                        f"label (text column {tcol!r}); is --text-col right?")
+    pairs = None
+    if pcol is not None:
+        pairs = ["" if _isna(df[pcol].iloc[i]) else str(df[pcol].iloc[i]) for i in keep]
+    return Table([texts[i] for i in keep], labels, pairs, str(path))
+
+
+def _isna(v) -> bool:
+    return v is None or (isinstance(v, float) and v != v)
+
+
+def _label_str(y) -> str:
+    if isinstance(y, float) and y.is_integer():
+        y = int(y)
+    return str(y).strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# labels
+
+
+def build_label_names(labels: list[str]) -> list[str]:
+    """Sorted label names; numeric labels sort as numbers (so '2' < '10')."""
+    uniq = set(labels)
+    try:
+        return sorted(uniq, key=lambda s: float(s))
+    except ValueError:
+        return sorted(uniq)
+
+
+def encode_labels(labels: list[str], names: list[str], source: str) -> np.ndarray:
+    index = {n: i for i, n in enumerate(names)}
+    unseen = sorted(set(labels) - set(index))
+    if unseen:
+        raise UserError(f"{source}: labels {unseen[:5]} do not occur in the training data "
+                        f"(known: {names[:10]}); fix the labels or add them to the training file")
+    return np.array([index[y] for y in labels], dtype=np.int64)
+
+
+def save_labels(names: list[str], path: Path) -> None:
+    path.write_text(json.dumps(names, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# splits
+
+
+def split_indices(table: Table, val_fraction: float, test_fraction: float, seed: int,
+                  need: tuple[bool, bool] = (True, True)) -> tuple[list[int], list[int], list[int]]:
+    """Stratified train/val/test split in which exact-duplicate texts stay together."""
+    from sklearn.model_selection import train_test_split
+
+    assert table.labels is not None
+    key = table.texts if table.pairs is None else list(zip(table.texts, table.pairs))
+    groups: dict = {}
+    for i, k in enumerate(key):
+        groups.setdefault(k, []).append(i)
+    n_dup = len(table) - len(groups)
+    if n_dup:
+        log.warning("%s: %d rows repeat an earlier text; each text is kept within one split",
+                    table.source, n_dup)
+    reps = [g[0] for g in groups.values()]
+    glabels = [table.labels[i] for i in reps]
+    counts: dict[str, int] = {}
+    for y in glabels:
+        counts[y] = counts.get(y, 0) + 1
+    if len(counts) < 2:
+        raise UserError(f"{table.source}: only one class ({next(iter(counts))!r}); a classifier "
+                        f"needs at least two (is --label-col right?)")
+    n_parts = 1 + sum(need)
+    small = {y: c for y, c in counts.items() if c < n_parts + 1}
+    if small:
+        y, c = next(iter(small.items()))
+        raise UserError(f"{table.source}: class {y!r} has only {c} distinct text(s); a stratified "
+                        f"split needs at least {n_parts + 1} per class: add examples, drop the "
+                        f"class, or pass --val and --test files")
+    need_val, need_test = need
+    rest, rest_y = np.arange(len(reps)), glabels
+    val_g, test_g = np.array([], dtype=int), np.array([], dtype=int)
+    remaining = 1.0
+    if need_test:
+        size = max(test_fraction, len(counts) / len(rest))  # at least one per class
+        rest, test_g, rest_y, _ = train_test_split(rest, rest_y, test_size=size,
+                                                   random_state=seed, stratify=rest_y)
+        remaining -= test_fraction
+    if need_val:
+        size = max(val_fraction / remaining, len(counts) / len(rest))
+        rest, val_g, rest_y, _ = train_test_split(rest, rest_y, test_size=size,
+                                                  random_state=seed, stratify=rest_y)
+
+    def expand(gs) -> list[int]:
+        return sorted(i for g in gs for i in groups[key[reps[g]]])
+
+    return expand(rest), expand(val_g), expand(test_g)
+
+
+def limit_indices(idx: list[int], labels: list[str], limit: int | None, seed: int) -> list[int]:
+    """A stratified sample of ``limit`` training rows (all of them if fewer)."""
+    if limit is None or limit >= len(idx):
+        return idx
+    from sklearn.model_selection import train_test_split
+
+    ys = [labels[i] for i in idx]
+    try:
+        keep, _ = train_test_split(idx, train_size=limit, random_state=seed, stratify=ys)
+    except ValueError:
+        keep = list(np.random.default_rng(seed).choice(idx, size=limit, replace=False))
+    return sorted(int(i) for i in keep)
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenization
+
+
+@dataclass
+class Encoded:
+    """Token ids of a split, ready for length-grouped batching."""
+
+    input_ids: list[np.ndarray]
+    token_type_ids: list[np.ndarray] | None
+    labels: np.ndarray | None
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self))
+
+    def collate(self, idx, multiple: int = 8) -> dict[str, torch.Tensor]:
+        """Pad a batch to its longest row, rounded up to ``multiple`` (fewer distinct shapes)."""
+        seqs = [self.input_ids[i] for i in idx]
+        width = max(len(s) for s in seqs)
+        width = -(-width // multiple) * multiple
+        ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(seqs), width), dtype=np.int64)
+        for r, s in enumerate(seqs):
+            ids[r, : len(s)] = s
+            mask[r, : len(s)] = 1
+        out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+        if self.token_type_ids is not None:
+            tt = np.zeros((len(seqs), width), dtype=np.int64)
+            for r, i in enumerate(idx):
+                tt[r, : len(self.token_type_ids[i])] = self.token_type_ids[i]
+            out["token_type_ids"] = torch.from_numpy(tt)
+        if self.labels is not None:
+            out["labels"] = torch.from_numpy(self.labels[np.asarray(idx)])
+        return out
+
+
+def model_max_length(tokenizer, config) -> int:
+    limits = [getattr(config, "max_position_embeddings", None)]
+    tm = getattr(tokenizer, "model_max_length", None)
+    if tm and tm < 1_000_000:
+        limits.append(tm)
+    limits = [x for x in limits if x]
+    return min(limits) if limits else 512
+
+
+def choose_max_length(tokenizer, table: Table, cap: int, sample: int = 2000, seed: int = 0) -> int:
+    """A length covering ~99% of the texts (rounded up to 8), capped by the model."""
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(table), size=min(sample, len(table)), replace=False)
+    sub = table.subset(idx)
+    enc = tokenizer(sub.texts, sub.pairs, truncation=False)["input_ids"]
+    p99 = int(np.percentile([len(x) for x in enc], 99))
+    return int(min(cap, max(8, -(-p99 // 8) * 8)))
+
+
+def encode(tokenizer, table: Table, max_length: int, truncation: str = "head",
+           label_names: list[str] | None = None) -> Encoded:
+    """Tokenize a table. ``truncation='head-tail'`` keeps the first quarter and the last
+    three quarters of the token budget of a long text (Sun et al., 2019) instead of its start."""
+    if truncation not in ("head", "head-tail"):
+        raise UserError(f"--truncation {truncation}: choose head or head-tail")
+    if table.pairs is not None or truncation == "head":
+        enc = tokenizer(table.texts, table.pairs, truncation=True, max_length=max_length,
+                        return_attention_mask=False)
+        ids = enc["input_ids"]
+    else:
+        ids = tokenizer(table.texts, truncation=False, return_attention_mask=False)["input_ids"]
+        head = max_length // 4
+        ids = [x if len(x) <= max_length else x[:head] + x[len(x) - (max_length - head):]
+               for x in ids]
+        enc = {}
+    tt = enc.get("token_type_ids") if table.pairs is not None else None
+    labels = None
+    if table.labels is not None and label_names is not None:
+        labels = encode_labels(table.labels, label_names, table.source)
+    pad = tokenizer.pad_token_id
+    assert pad is not None, "pad token must be set before encoding"
+    return Encoded([np.asarray(x, dtype=np.int64) for x in ids],
+                   None if tt is None else [np.asarray(x, dtype=np.int64) for x in tt],
+                   labels, int(pad))
+
+
+# ---------------------------------------------------------------------------------------------
+# batching
+
+
+def batch_indices(lengths: np.ndarray | None, n: int, batch_size: int, *, shuffle: bool,
+                  seed: int = 0, group: bool = True, pool: int = 64) -> list[list[int]]:
+    """Batches of row indices.
+
+    Training (``shuffle``): rows are shuffled, then sorted by length inside pools of
+    ``pool * batch_size`` rows so that a batch holds similar lengths (little padding), and the
+    batches are shuffled again. Inference: all rows sorted by length, longest first.
+    """
+    if not shuffle:
+        order = np.argsort(-lengths, kind="stable") if lengths is not None else np.arange(n)
+        return [order[i:i + batch_size].tolist() for i in range(0, n, batch_size)]
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    if group and lengths is not None:
+        span = pool * batch_size
+        order = np.concatenate([c[np.argsort(-lengths[c], kind="stable")]
+                                for c in np.array_split(order, max(1, -(-n // span)))])
+    batches = [order[i:i + batch_size].tolist() for i in range(0, n, batch_size)]
+    if group and lengths is not None:
+        perm = rng.permutation(len(batches))
+        batches = [batches[i] for i in perm]
+    return batches

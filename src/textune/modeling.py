@@ -1,0 +1,193 @@
+"""Backbones, pooling and heads: one :class:`TextClassifier` for encoders and decoders."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+POOLINGS = ("auto", "cls", "mean", "last")
+HEADS = ("linear", "mlp")
+
+
+def resolve_model(spec: str | Path) -> str:
+    """A catalog name, local folder, ``.gguf`` file or hub id -> what ``from_pretrained`` takes."""
+    from . import hub
+
+    s = str(spec)
+    if s in hub.CATALOG:
+        entry = hub.CATALOG[s]
+        if entry.kind != "model":
+            raise UserError(f"--model {s} is a {entry.kind}, not a model; models: "
+                            f"{', '.join(hub.catalog_names('model'))}")
+        folder = hub.fetch(s)
+        if (folder / "model.gguf").exists():
+            return str(gguf_to_hf(folder / "model.gguf", folder / "hf"))
+        return str(folder)
+    p = Path(s).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return str(gguf_to_hf(p, p.with_name(p.stem + "-hf")))
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise UserError(f"--model {s}: folder has no config.json; pass a Hugging Face model "
+                            f"folder, a textune pretrain output, or a catalog name")
+        return str(p)
+    if p.exists() or s.startswith((".", "/", "~")):
+        raise UserError(f"--model {s}: not a model folder or .gguf file")
+    if s.count("/") > 1:
+        raise UserError(f"--model {s}: no such folder; catalog models: "
+                        f"{', '.join(hub.catalog_names('model'))}")
+    return s  # a hub id: needs network (or the HF cache)
+
+
+def gguf_to_hf(gguf: Path, out: Path) -> Path:
+    """Dequantise a GGUF decoder once into a plain Hugging Face folder (later loads: seconds)."""
+    if (out / "config.json").exists() and (out / ".complete").exists():
+        return out
+    try:
+        import gguf as _  # noqa: F401
+    except ImportError:
+        raise UserError(f"{gguf}: reading GGUF needs the gguf package; pip install gguf") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a Hugging Face folder (once)", gguf.name)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    # save_pretrained refuses a model that still carries its GGUF quantizer
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / ".complete").write_text("ok\n")
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def load_tokenizer(src: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(src)
+    except OSError as e:
+        raise UserError(f"--model {src}: could not load a tokenizer ({str(e).splitlines()[0]}); "
+                        f"a hub id needs network access, or pass a local folder") from None
+    if tok.pad_token is None:
+        # Reuse an existing token rather than growing the embedding matrix: the pad position is
+        # masked out of attention and pooling, so which token it is does not matter.
+        for cand in (tok.eos_token, tok.unk_token, tok.bos_token):
+            if cand is not None:
+                tok.pad_token = cand
+                break
+        else:
+            raise UserError(f"--model {src}: tokenizer has no pad, eos, unk or bos token to pad "
+                            f"with")
+    return tok
+
+
+def is_decoder(config) -> bool:
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
+
+    t = type(config)
+    return t in MODEL_FOR_CAUSAL_LM_MAPPING and t not in MODEL_FOR_MASKED_LM_MAPPING
+
+
+def load_backbone(src: str, dtype: torch.dtype | None = None) -> nn.Module:
+    from transformers import AutoModel
+
+    try:
+        model = AutoModel.from_pretrained(src, dtype=dtype or torch.float32)
+    except OSError as e:
+        raise UserError(f"--model {src}: could not load ({str(e).splitlines()[0]}); a hub id "
+                        f"needs network access, or pass a local folder / catalog name") from None
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None  # unused: we pool ourselves (and DDP dislikes unused parameters)
+    return model
+
+
+def default_pooling(config) -> str:
+    return "last" if is_decoder(config) else "mean"
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """Pool token states ``[B, T, H]`` to ``[B, H]``.
+
+    ``last`` takes the last position whose mask is 1, which is right for left and right padding.
+    """
+    if how == "cls":
+        return hidden[:, 0]
+    if how == "mean":
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+    if how == "last":
+        pos = torch.arange(mask.shape[1], device=mask.device)
+        last = (mask * pos).argmax(-1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    raise ValueError(how)
+
+
+class ClassifierHead(nn.Module):
+    """``linear``: dropout + linear. ``mlp``: linear, GELU, dropout, linear."""
+
+    def __init__(self, hidden: int, num_labels: int, kind: str = "linear", dropout: float = 0.1):
+        super().__init__()
+        if kind == "linear":
+            self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, num_labels))
+        elif kind == "mlp":
+            self.net = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Dropout(dropout),
+                                     nn.Linear(hidden, num_labels))
+        else:
+            raise UserError(f"--head {kind}: choose one of {', '.join(HEADS)}")
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features)
+
+
+class TextClassifier(nn.Module):
+    """A pretrained backbone, a pooling rule and a classification head."""
+
+    def __init__(self, backbone: nn.Module, num_labels: int, pooling: str = "auto",
+                 head: str = "linear", dropout: float = 0.1):
+        super().__init__()
+        self.backbone = backbone
+        cfg = backbone.config.get_text_config() if hasattr(backbone.config, "get_text_config") \
+            else backbone.config
+        self.pooling = default_pooling(backbone.config) if pooling == "auto" else pooling
+        if self.pooling not in POOLINGS[1:]:
+            raise UserError(f"--pooling {pooling}: choose one of {', '.join(POOLINGS)}")
+        self.hidden_size = cfg.hidden_size
+        self.head = ClassifierHead(cfg.hidden_size, num_labels, head, dropout)
+
+    def features(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        kw = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kw)
+        return pool(out.last_hidden_state, attention_mask, self.pooling)
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, features=None,
+                labels=None):
+        if features is None:
+            features = self.features(input_ids, attention_mask, token_type_ids)
+        return self.head(features.to(self.head.net[-1].weight.dtype))
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weight=None) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), labels, weight=weight)
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total

@@ -1,0 +1,20 @@
+"""Strategy registry: ``get_strategy(name, **options)``."""
+
+from __future__ import annotations
+
+from ..errors import UserError
+from .base import Strategy
+from .frozen import Frozen
+from .full import Full
+from .lora import LoRA
+
+REGISTRY: dict[str, type[Strategy]] = {s.name: s for s in (Full, Frozen, LoRA)}
+
+
+def get_strategy(name: str, **options) -> Strategy:
+    if name not in REGISTRY:
+        raise UserError(f"--strategy {name}: unknown; choose one of {', '.join(REGISTRY)}")
+    return REGISTRY[name](**options)
+
+
+__all__ = ["REGISTRY", "Strategy", "get_strategy"]

@@ -1,0 +1,330 @@
+"""The one training loop, shared by every strategy (and by continued pretraining).
+
+Reads top to bottom: batches -> forward -> loss -> backward -> (accumulate) -> step, with a
+validation pass per epoch, best-checkpoint keeping, early stopping and resumable checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import TrainArgs
+from .data import batch_indices
+from .errors import UserError
+from .modeling import cross_entropy
+
+log = logging.getLogger(__name__)
+CKPT = "checkpoint"
+
+
+class TrainData(Protocol):
+    labels: np.ndarray | None
+
+    def __len__(self) -> int: ...
+    @property
+    def lengths(self) -> np.ndarray | None: ...
+    def collate(self, idx: list[int]) -> dict[str, torch.Tensor]: ...
+
+
+@dataclass
+class FeatureData:
+    """Pooled backbone features computed once (the frozen strategy trains its head on these)."""
+
+    features: torch.Tensor
+    labels: np.ndarray | None
+    lengths = None
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        out = {"features": self.features[idx]}
+        if self.labels is not None:
+            out["labels"] = torch.from_numpy(self.labels[np.asarray(idx)])
+        return out
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return max(0.0, 1.0 - progress)
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and norm weights (any parameter with fewer than 2 dims)."""
+    decay, no_decay = [], []
+    for _, p in module.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_accelerator(precision: str, grad_accum: int = 1):
+    from accelerate import Accelerator
+
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() \
+            else "fp32"
+    if precision in ("bf16", "fp16") and not torch.cuda.is_available() and precision == "fp16":
+        raise UserError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
+    return Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision))
+
+
+def amp_dtype(accelerator) -> torch.dtype | None:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(accelerator.mixed_precision))
+
+
+@dataclass
+class LoopState:
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    step: int = 0
+    best_metric: float = -math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    samples: int = 0
+    train_seconds: float = 0.0
+    stopped_early: bool = False
+    history: list = field(default_factory=list)
+
+
+@torch.inference_mode()
+def predict_logits(module: nn.Module, data: TrainData, batch_size: int, device: torch.device,
+                   amp: torch.dtype | None = None, progress: bool = False,
+                   desc: str = "eval") -> np.ndarray:
+    """Logits for every row, in the data's order (batches sorted by length for speed)."""
+    from tqdm.auto import tqdm
+
+    was_training = module.training
+    module.eval()
+    out: list[tuple[list[int], torch.Tensor]] = []
+    batches = batch_indices(data.lengths, len(data), batch_size, shuffle=False)
+    for idx in tqdm(batches, desc=desc, disable=not progress, leave=False, mininterval=1):
+        batch = {k: v.to(device, non_blocking=True)
+                 for k, v in data.collate(idx).items() if k != "labels"}
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = module(**batch)
+        out.append((idx, logits.float()))
+    module.train(was_training)
+    n_labels = out[0][1].shape[-1]
+    result = np.zeros((len(data), n_labels), dtype=np.float32)
+    for idx, logits in out:  # one host copy per batch, after all work is queued
+        result[idx] = logits.cpu().numpy()
+    return result
+
+
+def fit(module: nn.Module, train_data: TrainData, val_data: TrainData | None, args: TrainArgs, *,
+        lr: float, accelerator, run_dir: Path, evaluate: Callable[[np.ndarray], dict],
+        on_best: Callable[[], None], class_weights: torch.Tensor | None = None,
+        progress: bool = True, resume: bool = False) -> LoopState:
+    """Train ``module`` on ``train_data``; validate each epoch and call ``on_best`` on improvement.
+
+    ``evaluate`` turns validation logits into a metrics dict with ``macro_f1`` (model selection).
+    """
+    from tqdm.auto import tqdm
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    n_batches = -(-len(train_data) // args.batch_size)
+    if world > 1:
+        n_batches = max(1, n_batches // world)
+    steps_per_epoch = -(-n_batches // args.grad_accum)
+    total = args.max_steps or steps_per_epoch * args.epochs
+    epochs = args.epochs if args.max_steps is None else -(-total // steps_per_epoch)
+    warmup = int(args.warmup_ratio * total)
+
+    groups = param_groups(module, args.weight_decay)
+    fused = {"fused": True} if accelerator.device.type == "cuda" else {}
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, **fused)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total, warmup, args.schedule))
+    module, optimizer = accelerator.prepare(module, optimizer)
+    if class_weights is not None:
+        class_weights = class_weights.to(accelerator.device)
+
+    state = LoopState()
+    if resume:
+        state = load_checkpoint(run_dir, accelerator.unwrap_model(module), optimizer, schedule)
+        log.info("resuming at epoch %d, batch %d (step %d)", state.epoch + 1,
+                 state.batch_in_epoch, state.step)
+
+    bar = tqdm(total=total, initial=state.step, desc="train", disable=not progress or rank != 0,
+               mininterval=1, unit="step", dynamic_ncols=True)
+    history_path = run_dir / "history.jsonl"
+    module.train()
+    t_start = time.perf_counter() - state.train_seconds
+    running = torch.zeros((), device=accelerator.device)
+    running_n = 0
+    done = state.step >= total
+    for epoch in range(state.epoch, epochs):
+        if done:
+            break
+        batches = batch_indices(train_data.lengths, len(train_data), args.batch_size,
+                                shuffle=True, seed=args.seed + epoch)
+        batches = batches[rank::world][:n_batches]
+        start = state.batch_in_epoch if epoch == state.epoch else 0
+        for i in range(start, n_batches):
+            batch = {k: v.to(accelerator.device, non_blocking=True)
+                     for k, v in train_data.collate(batches[i]).items()}
+            labels = batch.pop("labels")
+            group_start = (i // args.grad_accum) * args.grad_accum
+            group = min(args.grad_accum, n_batches - group_start)  # the last group may be short
+            last_in_group = i + 1 == group_start + group
+            sync = accelerator.no_sync(module) if not last_in_group and world > 1 \
+                else _nullcontext()
+            with sync, accelerator.autocast():
+                logits = module(**batch)
+                loss = cross_entropy(logits, labels, class_weights)
+            accelerator.backward(loss / group)
+            running += loss.detach()
+            running_n += 1
+            state.samples += len(labels) * world
+            state.batch_in_epoch = i + 1
+            if not last_in_group:
+                continue
+            if args.max_grad_norm:
+                accelerator.clip_grad_norm_(module.parameters(), args.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            bar.update(1)
+            if state.step % args.log_every == 0 or state.step == total:
+                # .item() syncs with the device: only when logging
+                loss_val = (running / max(1, running_n)).item()
+                running.zero_()
+                running_n = 0
+                elapsed = time.perf_counter() - t_start
+                rec = {"step": state.step, "epoch": epoch + (i + 1) / n_batches,
+                       "loss": round(loss_val, 5), "lr": schedule.get_last_lr()[0],
+                       "samples_per_second": round(state.samples / elapsed, 2)}
+                bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{rec['lr']:.2e}",
+                                sps=f"{rec['samples_per_second']:.1f}", refresh=False)
+                _append(history_path, rec, rank)
+            if args.save_every and state.step % args.save_every == 0:
+                state.train_seconds = time.perf_counter() - t_start
+                save_checkpoint(run_dir, accelerator, module, optimizer, schedule, state)
+            if state.step >= total:
+                done = True
+                break
+        state.epoch, state.batch_in_epoch = epoch + 1, 0
+        state.train_seconds = time.perf_counter() - t_start
+        if val_data is not None:
+            logits = predict_logits(module, val_data, args.eval_batch_size, accelerator.device,
+                                    amp_dtype(accelerator))
+            m = evaluate(logits)
+            rec = {"epoch": epoch + 1, "step": state.step, "val_accuracy": m["accuracy"],
+                   "val_macro_f1": m["macro_f1"], "train_seconds": round(state.train_seconds, 2)}
+            state.history.append(rec)
+            _append(history_path, rec, rank)
+            log.info("epoch %d: val accuracy %.4f, macro-F1 %.4f", epoch + 1, m["accuracy"],
+                     m["macro_f1"])
+            if m["macro_f1"] > state.best_metric:
+                state.best_metric, state.best_epoch, state.bad_epochs = m["macro_f1"], epoch + 1, 0
+                if rank == 0:
+                    on_best()
+            else:
+                state.bad_epochs += 1
+        elif rank == 0:
+            on_best()  # no validation: the last epoch is the model
+            state.best_epoch = epoch + 1
+        save_checkpoint(run_dir, accelerator, module, optimizer, schedule, state)
+        t_start = time.perf_counter() - state.train_seconds  # exclude eval + checkpoint time
+        if args.patience and state.bad_epochs >= args.patience:
+            log.info("early stop: no macro-F1 gain for %d epochs", args.patience)
+            state.stopped_early = True
+            break
+    bar.close()
+    return state
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _append(path: Path, rec: dict, rank: int) -> None:
+    if rank == 0:
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints: written to a temporary folder, then swapped in (a crash never leaves half a one)
+
+
+def save_checkpoint(run_dir: Path, accelerator, module, optimizer, schedule,
+                    state: LoopState) -> None:
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    model = accelerator.unwrap_model(module)
+    tmp = run_dir / f"{CKPT}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters()
+                 if p.requires_grad}
+    save_file(trainable, str(tmp / "trainable.safetensors"))
+    rng = {"torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "rng": rng}, tmp / "optim.pt")
+    (tmp / "state.json").write_text(json.dumps(asdict(state)))
+    (tmp / "COMPLETE").write_text("ok\n")
+    final, old = run_dir / CKPT, run_dir / f"{CKPT}.old"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def load_checkpoint(run_dir: Path, model: nn.Module, optimizer, schedule) -> LoopState:
+    ckpt = run_dir / CKPT
+    if not ckpt.exists() and (run_dir / f"{CKPT}.old").exists():
+        ckpt = run_dir / f"{CKPT}.old"  # crashed between the two renames
+    if not (ckpt / "COMPLETE").exists():
+        raise UserError(f"--resume {run_dir}: no complete checkpoint in it ({ckpt} is missing "
+                        f"or partial); start a new run")
+    try:
+        trainable = load_file(str(ckpt / "trainable.safetensors"))
+        extra = torch.load(ckpt / "optim.pt", weights_only=False)
+        state = LoopState(**json.loads((ckpt / "state.json").read_text()))
+    except Exception as e:
+        raise UserError(f"--resume {run_dir}: checkpoint {ckpt} is corrupt "
+                        f"({type(e).__name__}); start a new run") from None
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(trainable) != names:
+        raise UserError(f"--resume {run_dir}: checkpoint does not match the model (different "
+                        f"strategy or model?)")
+    model.load_state_dict(trainable, strict=False)
+    optimizer.load_state_dict(extra["optimizer"])
+    schedule.load_state_dict(extra["schedule"])
+    torch.set_rng_state(extra["rng"]["torch"])
+    if extra["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(extra["rng"]["cuda"])
+    return state
