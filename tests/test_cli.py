@@ -1,0 +1,121 @@
+"""The command line: bad input gives one line and exit code 2; nothing is overwritten."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from textune.cli import main
+
+from .conftest import write_csv
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("textune: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_missing_file(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--data", str(tmp_path / "nope.csv"), "--out",
+                           str(tmp_path / "o"))
+    assert code == 2 and "nope.csv" in one_line_error(err)
+
+
+def test_missing_columns_are_listed(capsys, tmp_path, tiny_bert):
+    p = write_csv(tmp_path / "a.csv", [("x", "y")] * 4, header=("foo", "bar"))
+    code, _, err = run_cli(capsys, "train", "--model", str(tiny_bert), "--data", str(p),
+                           "--out", str(tmp_path / "o"))
+    line = one_line_error(err)
+    assert code == 2 and "foo, bar" in line and "--text-col" in line
+
+
+def test_unseen_label_in_test_file(capsys, tmp_path, tiny_bert, toy_csv):
+    bad = write_csv(tmp_path / "t.csv", [("good film", "pos"), ("bad", "meh")])
+    code, _, err = run_cli(capsys, "train", "--model", str(tiny_bert), "--data", str(toy_csv),
+                           "--test", str(bad), "--out", str(tmp_path / "o"), "--epochs", "1")
+    line = one_line_error(err)
+    assert code == 2 and "meh" in line and "t.csv" in line
+
+
+def test_too_small_class(capsys, tmp_path, tiny_bert):
+    p = write_csv(tmp_path / "a.csv", [(f"good {i}", "pos") for i in range(10)] + [("x", "rare")])
+    code, _, err = run_cli(capsys, "train", "--model", str(tiny_bert), "--data", str(p),
+                           "--out", str(tmp_path / "o"))
+    assert code == 2 and "'rare'" in one_line_error(err)
+
+
+def test_unknown_model_lists_catalog(capsys, tmp_path, toy_csv):
+    code, _, err = run_cli(capsys, "train", "--model", "./no/such/model", "--data", str(toy_csv),
+                           "--out", str(tmp_path / "o"))
+    assert code == 2 and "no/such/model" in one_line_error(err)
+    code, _, err = run_cli(capsys, "train", "--model", "bad/hub/id/x", "--data", str(toy_csv),
+                           "--out", str(tmp_path / "o"))
+    assert code == 2 and "minilm-l6" in one_line_error(err)
+
+
+def test_unknown_strategy(capsys, tmp_path, tiny_bert, toy_csv):
+    code, _, err = run_cli(capsys, "train", "--model", str(tiny_bert), "--data", str(toy_csv),
+                           "--strategy", "magic", "--out", str(tmp_path / "o"))
+    assert code == 2 and "full" in one_line_error(err)
+
+
+def test_existing_output_is_never_overwritten(capsys, tmp_path, tiny_bert, toy_csv):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    code, _, err = run_cli(capsys, "train", "--model", str(tiny_bert), "--data", str(toy_csv),
+                           "--out", str(out))
+    assert code == 2 and "not empty" in one_line_error(err)
+    code, _, err = run_cli(capsys, "train", "--model", str(tiny_bert), "--data", str(toy_csv),
+                           "--out", str(out), "--overwrite")
+    assert code == 2 and "not a textune run" in one_line_error(err)
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_train_eval_predict_roundtrip(capsys, tmp_path, tiny_bert, toy_csv):
+    out = tmp_path / "run"
+    code, stdout, _ = run_cli(capsys, "train", "--model", str(tiny_bert), "--data", str(toy_csv),
+                              "--out", str(out), "--epochs", "3", "--lr", "1e-3",
+                              "--batch-size", "16", "--quiet")
+    assert code == 0 and "accuracy" in stdout
+    m = json.loads((out / "metrics.json").read_text())
+    for k in ("accuracy", "macro_f1", "per_class", "confusion_matrix", "split", "n_eval",
+              "train_seconds", "train_samples_per_second", "trainable_params", "total_params"):
+        assert k in m, k
+    code, stdout, _ = run_cli(capsys, "eval", str(out), "--data", str(toy_csv), "--out",
+                              str(tmp_path / "ev"), "--quiet")
+    assert code == 0 and (tmp_path / "ev" / "metrics.json").exists()
+    inp = write_csv(tmp_path / "new.csv", [("good film",), ("awful plot",)], header=("text",))
+    code, _, _ = run_cli(capsys, "predict", str(out), "--input", str(inp), "--output",
+                         str(tmp_path / "p.jsonl"), "--quiet")
+    rows = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert code == 0 and [r["label"] for r in rows] == ["pos", "neg"]
+    assert abs(rows[0]["p_pos"] + rows[0]["p_neg"] - 1) < 1e-4
+    # the same output file again: refused, kept
+    code, _, err = run_cli(capsys, "predict", str(out), "--input", str(inp), "--output",
+                           str(tmp_path / "p.jsonl"))
+    assert code == 2 and "exists" in one_line_error(err)
+
+
+def test_real_process_exit_code(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "textune", "eval", str(tmp_path), "--data", "x"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "not a textune run folder" in r.stderr
+
+
+@pytest.mark.parametrize("flag,value", [("--epochs", "0"), ("--max-length", "2"),
+                                        ("--limit", "1")])
+def test_bad_flag_values(capsys, tmp_path, toy_csv, flag, value):
+    code, _, err = run_cli(capsys, "train", "--data", str(toy_csv), "--out", str(tmp_path / "o"),
+                           flag, value)
+    assert code == 2 and flag in one_line_error(err)

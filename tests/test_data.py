@@ -1,0 +1,121 @@
+import json
+
+import numpy as np
+import pytest
+
+from textune.data import (Table, batch_indices, build_label_names, encode, read_table,
+                          split_indices)
+from textune.errors import UserError
+
+from .conftest import toy_rows, write_csv
+
+
+def test_read_csv_detects_columns(tmp_path):
+    p = write_csv(tmp_path / "a.csv", [("hello", "x"), ("world", "y")], header=("Review", "Class"))
+    t = read_table(p)
+    assert t.texts == ["hello", "world"] and t.labels == ["x", "y"]
+
+
+def test_read_tsv_and_jsonl(tmp_path):
+    (tmp_path / "a.tsv").write_text("sentence\tlabel\nsome, text\t1\nmore\t0\n")
+    t = read_table(tmp_path / "a.tsv")
+    assert t.texts == ["some, text", "more"] and t.labels == ["1", "0"]
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": f"t{i}", "label": i % 2})
+                                                for i in range(4)))
+    t = read_table(tmp_path / "b.jsonl")
+    assert t.labels == ["0", "1", "0", "1"]
+
+
+def test_missing_column_lists_columns(tmp_path):
+    p = write_csv(tmp_path / "a.csv", [("a", "b")], header=("foo", "bar"))
+    with pytest.raises(UserError, match=r"columns found: foo, bar.*--text-col"):
+        read_table(p)
+    with pytest.raises(UserError, match=r"no column 'nope'"):
+        read_table(p, text_col="foo", label_col="nope")
+
+
+def test_binary_file_is_refused(tmp_path):
+    p = tmp_path / "x.csv"
+    p.write_bytes(b"\x00\x01\x02binary")
+    with pytest.raises(UserError, match="binary"):
+        read_table(p)
+
+
+def test_empty_texts_dropped_and_all_empty_is_error(tmp_path, caplog):
+    p = write_csv(tmp_path / "a.csv", [("x", "1"), ("  ", "0"), ("", "0"), ("y", "0")])
+    t = read_table(p)
+    assert t.texts == ["x", "y"]
+    assert "2 rows have an empty text" in caplog.text
+    q = write_csv(tmp_path / "b.csv", [("", "1"), (" ", "0")])
+    with pytest.raises(UserError, match="no rows left"):
+        read_table(q)
+
+
+def test_numeric_labels_sort_as_numbers():
+    assert build_label_names(["10", "2", "1"]) == ["1", "2", "10"]
+    assert build_label_names(["neg", "pos"]) == ["neg", "pos"]
+
+
+def test_split_is_stratified_and_keeps_duplicates_together():
+    rows = [(f"{t} n{i}", y) for i, (t, y) in enumerate(toy_rows(300))]
+    rows += [("the very same text", "pos")] * 5
+    t = Table([r[0] for r in rows], [r[1] for r in rows], None, "mem")
+    tr, va, te = split_indices(t, 0.1, 0.1, seed=0)
+    assert sorted(tr + va + te) == list(range(len(t)))
+    texts = [set(t.texts[i] for i in part) for part in (tr, va, te)]
+    assert not (texts[0] & texts[1]) and not (texts[0] & texts[2]) and not (texts[1] & texts[2])
+    for part in (va, te):  # stratified over distinct texts
+        ys = [y for x, y in {(t.texts[i], t.labels[i]) for i in part}]
+        assert abs(ys.count("pos") - ys.count("neg")) <= 1
+
+
+def test_split_errors_name_the_class():
+    t = Table(["a", "b", "c", "d", "e"], ["x", "x", "x", "x", "y"], None, "f.csv")
+    with pytest.raises(UserError, match=r"class 'y' has only 1"):
+        split_indices(t, 0.1, 0.1, 0)
+    t1 = Table(["a", "b", "c"], ["x", "x", "x"], None, "f.csv")
+    with pytest.raises(UserError, match="only one class"):
+        split_indices(t1, 0.1, 0.1, 0)
+
+
+def test_encode_head_tail_keeps_both_ends(tiny_bert):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    words = ["good"] + ["film"] * 50 + ["bad"]
+    t = Table([" ".join(words)], ["pos"], None, "mem")
+    head = encode(tok, t, 16, "head", ["pos"]).input_ids[0]
+    ht = encode(tok, t, 16, "head-tail", ["pos"]).input_ids[0]
+    bad = tok.convert_tokens_to_ids("bad")
+    assert len(head) == len(ht) == 16
+    assert bad not in head and ht[-2] == bad and ht[-1] == tok.sep_token_id
+    assert ht[0] == tok.cls_token_id
+
+
+def test_collate_pads_to_multiple_of_8(tiny_bert):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    t = Table(["good film", "bad film and plot was dull"], ["pos", "neg"], None, "mem")
+    enc = encode(tok, t, 64, "head", ["neg", "pos"])
+    b = enc.collate([0, 1])
+    assert b["input_ids"].shape == (2, 8)
+    assert b["attention_mask"].sum(1).tolist() == [4, 8]
+    assert b["labels"].tolist() == [1, 0]
+    assert (b["input_ids"][0, 4:] == tok.pad_token_id).all()
+
+
+def test_batches_cover_everything_once_and_group_lengths():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 500, size=1000)
+    for shuffle in (True, False):
+        b = batch_indices(lengths, 1000, 32, shuffle=shuffle, seed=1)
+        assert sorted(i for x in b for i in x) == list(range(1000))
+    grouped = batch_indices(lengths, 1000, 32, shuffle=True, seed=1)
+    rand = batch_indices(lengths, 1000, 32, shuffle=True, seed=1, group=False)
+
+    def padding(bs):
+        return sum(max(lengths[x]) * len(x) - lengths[x].sum() for x in bs)
+
+    assert padding(grouped) < 0.2 * padding(rand)
+    assert batch_indices(lengths, 1000, 32, shuffle=True, seed=1) == grouped  # deterministic

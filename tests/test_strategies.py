@@ -1,0 +1,132 @@
+"""Each strategy on tiny models: what trains, that it learns, and that reloading is exact."""
+
+import numpy as np
+import pytest
+import torch
+
+import textune
+from textune.api import train
+from textune.config import DataArgs, ModelArgs, RunConfig, StrategyArgs, TrainArgs
+from textune.modeling import TextClassifier, load_backbone, pool
+from textune.strategies import get_strategy
+
+
+def config(model, data, out, strategy="full", **train_kw) -> RunConfig:
+    kw = {"epochs": 3, "batch_size": 16, "seed": 0, "log_every": 5, **train_kw}
+    return RunConfig(DataArgs(str(data), max_length=32), ModelArgs(str(model)),
+                     StrategyArgs(strategy), TrainArgs(**kw), str(out))
+
+
+# (lr, epochs) that learn the toy task on a random 32-wide backbone
+RECIPE = {"full": (1e-3, 4), "frozen": (1e-1, 8), "lora": (5e-3, 12)}
+
+
+@pytest.mark.parametrize("strategy", ["full", "frozen", "lora"])
+def test_strategy_learns_and_reloads_exactly(strategy, tiny_bert, toy_csv, tmp_path):
+    out = tmp_path / strategy
+    lr, epochs = RECIPE[strategy]
+    m = train(config(tiny_bert, toy_csv, out, strategy, lr=lr, epochs=epochs), progress=False)
+    # a random backbone gives weak frozen features: the head alone cannot reach 0.9
+    assert m["accuracy"] >= (0.7 if strategy == "frozen" else 0.9), m
+    hist = [__import__("json").loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
+    losses = [h["loss"] for h in hist if "loss" in h]
+    assert losses[-1] < losses[0]
+    for f in ("config.json", "labels.json", "metrics.json", "history.jsonl", "head.safetensors"):
+        assert (out / f).exists(), f
+    assert not (out / "checkpoint").exists()
+
+    clf = textune.load(out)
+    table = textune.api.load_splits(textune.config.RunConfig.load(out / "config.json")).test
+    again = clf.evaluate(table)
+    assert again["accuracy"] == pytest.approx(m["accuracy"], abs=1e-9)
+    texts = ["good film", "awful plot"]
+    p = clf.predict_proba(texts)
+    assert p.shape == (2, 2) and np.allclose(p.sum(1), 1, atol=1e-5)
+    assert textune.load(out).predict(texts) == clf.predict(texts)
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_trainable_parameters_per_strategy(tiny_bert):
+    counts = {}
+    for name in ("full", "frozen", "lora"):
+        model = TextClassifier(load_backbone(str(tiny_bert)), 3)
+        model = get_strategy(name).setup(model)
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        counts[name] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert any(n.startswith("head.") for n in trainable)
+        if name == "frozen":
+            assert all(n.startswith("head.") for n in trainable)
+        if name == "lora":
+            assert all(n.startswith("head.") or "lora_" in n for n in trainable)
+    total = sum(p.numel() for p in TextClassifier(load_backbone(str(tiny_bert)), 3).parameters())
+    assert counts["frozen"] < counts["lora"] < counts["full"] == total
+
+
+def test_frozen_leaves_backbone_bit_identical(tiny_bert, toy_csv, tmp_path):
+    from textune.classifier import load
+
+    out = tmp_path / "frozen"
+    train(config(tiny_bert, toy_csv, out, "frozen", epochs=2, lr=1e-2), progress=False)
+    before = _params(load_backbone(str(tiny_bert)))
+    after = _params(load(out).model.backbone)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_frozen_features_are_computed_once(tiny_bert, toy_csv, tmp_path, monkeypatch):
+    calls = []
+    orig = TextClassifier.features
+
+    def spy(self, *a, **k):
+        calls.append(1)
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(TextClassifier, "features", spy)
+    train(config(tiny_bert, toy_csv, tmp_path / "a", "frozen", epochs=1), progress=False)
+    one = len(calls)
+    calls.clear()
+    train(config(tiny_bert, toy_csv, tmp_path / "b", "frozen", epochs=6), progress=False)
+    assert len(calls) == one  # extra epochs never touch the backbone
+
+
+def test_last_token_pooling_left_and_right_padding():
+    h = torch.randn(3, 5, 4)
+    right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+    assert torch.equal(pool(h, right, "last"), torch.stack([h[0, 2], h[1, 4], h[2, 0]]))
+    assert torch.equal(pool(h, left, "last"), torch.stack([h[0, 4], h[1, 4], h[2, 4]]))
+    m = pool(h, right, "mean")
+    assert torch.allclose(m[0], h[0, :3].mean(0))
+
+
+def test_resume_after_interruption_matches_uninterrupted(tiny_bert, toy_csv, tmp_path,
+                                                         monkeypatch):
+    import textune.train as loop
+
+    ref = train(config(tiny_bert, toy_csv, tmp_path / "ref", epochs=2, lr=1e-3, save_every=3),
+                progress=False)
+    saves = []
+    real_save = loop.save_checkpoint
+
+    def crash_after_second_save(*a, **k):
+        real_save(*a, **k)
+        saves.append(1)
+        if len(saves) == 2:  # mid-epoch (step 6 of 11 per epoch)
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(loop, "save_checkpoint", crash_after_second_save)
+    with pytest.raises(RuntimeError, match="simulated"):
+        train(config(tiny_bert, toy_csv, tmp_path / "run", epochs=2, lr=1e-3, save_every=3),
+              progress=False)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    cfg = RunConfig.load(tmp_path / "run" / "config.json")
+    cfg.out = str(tmp_path / "run")
+    resumed = train(cfg, progress=False, resume=True)
+    assert resumed["steps"] == ref["steps"]
+    assert resumed["accuracy"] == ref["accuracy"]
+    a = textune.load(tmp_path / "ref").predict_proba(["good film", "dull plot"])
+    b = textune.load(tmp_path / "run").predict_proba(["good film", "dull plot"])
+    assert np.allclose(a, b, atol=1e-5)

@@ -1,0 +1,13 @@
+import math
+
+from textune.train import lr_factor
+
+
+def test_lr_schedule_warms_up_then_decays():
+    total, warm = 100, 10
+    f = [lr_factor(s, total, warm, "linear") for s in range(total)]
+    assert f[0] < f[5] < f[9] <= 1.0
+    assert f[10] == 1.0 and f[-1] < 0.02 and all(a >= b for a, b in zip(f[10:], f[11:]))
+    c = [lr_factor(s, total, 0, "cosine") for s in range(total)]
+    assert math.isclose(c[0], 1.0) and c[50] < 0.55 and c[-1] < 0.01
+    assert lr_factor(99, total, 0, "constant") == 1.0
