@@ -18,16 +18,17 @@ def config(model, data, out, strategy="full", **train_kw) -> RunConfig:
 
 
 # (lr, epochs) that learn the toy task on a random 32-wide backbone
-RECIPE = {"full": (1e-3, 4), "frozen": (1e-1, 8), "lora": (5e-3, 12)}
+RECIPE = {"full": (1e-3, 4), "frozen": (1e-1, 8), "lora": (5e-3, 12), "adapter": (1e-2, 8)}
 
 
-@pytest.mark.parametrize("strategy", ["full", "frozen", "lora"])
+@pytest.mark.parametrize("strategy", ["full", "frozen", "lora", "adapter"])
 def test_strategy_learns_and_reloads_exactly(strategy, tiny_bert, toy_csv, tmp_path):
     out = tmp_path / strategy
     lr, epochs = RECIPE[strategy]
     m = train(config(tiny_bert, toy_csv, out, strategy, lr=lr, epochs=epochs), progress=False)
-    # a random backbone gives weak frozen features: the head alone cannot reach 0.9
-    assert m["accuracy"] >= (0.7 if strategy == "frozen" else 0.9), m
+    # A random 32-wide backbone gives weak features: with it frozen, a head (or a head and
+    # token-wise bottlenecks) reaches ~0.75; the real-model tests check real accuracy.
+    assert m["accuracy"] >= (0.7 if strategy in ("frozen", "adapter") else 0.9), m
     hist = [__import__("json").loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
     losses = [h["loss"] for h in hist if "loss" in h]
     assert losses[-1] < losses[0]
@@ -51,7 +52,7 @@ def _params(model):
 
 def test_trainable_parameters_per_strategy(tiny_bert):
     counts = {}
-    for name in ("full", "frozen", "lora"):
+    for name in ("full", "frozen", "lora", "adapter"):
         model = TextClassifier(load_backbone(str(tiny_bert)), 3)
         model = get_strategy(name).setup(model)
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -61,17 +62,44 @@ def test_trainable_parameters_per_strategy(tiny_bert):
             assert all(n.startswith("head.") for n in trainable)
         if name == "lora":
             assert all(n.startswith("head.") or "lora_" in n for n in trainable)
+        if name == "adapter":
+            assert all(n.startswith("head.") or ".adapter." in n for n in trainable)
     total = sum(p.numel() for p in TextClassifier(load_backbone(str(tiny_bert)), 3).parameters())
     assert counts["frozen"] < counts["lora"] < counts["full"] == total
+    # adapter: 2 layers x 2 sites x (32*2 + 2 + 2*32 + 32) + head (32*3 + 3), reduction 16
+    assert counts["adapter"] == 2 * 2 * (32 * 2 + 2 + 2 * 32 + 32) + 32 * 3 + 3
 
 
-def test_frozen_leaves_backbone_bit_identical(tiny_bert, toy_csv, tmp_path):
+def test_adapter_starts_as_identity_and_sits_after_both_projections(tiny_bert):
+    from textune.strategies.adapter import adapter_sites, insert_adapters
+
+    base = TextClassifier(load_backbone(str(tiny_bert)), 2).eval()
+    ids = torch.tensor([[2, 10, 11, 12, 3]])
+    mask = torch.ones_like(ids)
+    before = base.features(ids, mask)
+    sites = adapter_sites(base.backbone, "both")
+    assert sorted(sites) == sorted([f"encoder.layer.{i}.{s}" for i in range(2)
+                                    for s in ("attention.output.dense", "output.dense")])
+    assert len(adapter_sites(base.backbone, "ffn")) == 2
+    insert_adapters(base.backbone, 16, "both")
+    assert torch.allclose(base.features(ids, mask), before, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["frozen", "adapter", "lora"])
+def test_backbone_stays_bit_identical(strategy, tiny_bert, toy_csv, tmp_path):
+    """Strategies that freeze the backbone must leave its pretrained weights untouched."""
     from textune.classifier import load
 
-    out = tmp_path / "frozen"
-    train(config(tiny_bert, toy_csv, out, "frozen", epochs=2, lr=1e-2), progress=False)
+    out = tmp_path / strategy
+    train(config(tiny_bert, toy_csv, out, strategy, epochs=2, lr=1e-2), progress=False)
     before = _params(load_backbone(str(tiny_bert)))
-    after = _params(load(out).model.backbone)
+    model = load(out).model
+    after = {}
+    for n, p in model.backbone.named_parameters():  # strip wrapper prefixes, skip added weights
+        if "lora_" in n or ".adapter." in n:
+            continue
+        key = n.replace("base_model.model.", "").replace(".base_layer", "").replace(".linear.", ".")
+        after[key] = p.detach()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
 

@@ -209,7 +209,17 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
     if accelerator.is_main_process:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
         shutil.rmtree(out / CKPT, ignore_errors=True)  # finished: the checkpoint is not needed
+        _report(out, metrics)
     return metrics
+
+
+def _report(folder: Path, metrics: dict) -> None:
+    from .report import write_report
+
+    try:
+        write_report(folder, metrics)
+    except Exception as e:  # a plotting failure must not lose a finished run
+        log.warning("report.html not written (%s); rebuild it with `textune report %s`", e, folder)
 
 
 def resolve_model_key(spec: str) -> str:
@@ -273,6 +283,7 @@ def evaluate_run(run: str | Path, data: str, out: str | Path | None = None, *,
         if o is None:
             raise UserError(f"--out {out}: folder exists and is not empty; choose a new folder")
         (o / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+        _report(o, metrics)
     return metrics
 
 

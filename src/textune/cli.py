@@ -47,6 +47,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-targets", help="comma-separated module names (default: per architecture)")
     g.add_argument("--adapter-reduction", type=int, default=16,
                    help="bottleneck adapters: hidden size / bottleneck size")
+    g.add_argument("--adapter-where", default="both", choices=["both", "ffn"],
+                   help="adapters after attention and feed-forward (Houlsby) or ffn only (Pfeiffer)")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=3)
     g.add_argument("--batch-size", type=int, default=32)
@@ -63,7 +65,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     g.add_argument("--class-weights", default="none", choices=["none", "auto"])
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps too")
-    g.add_argument("--log-every", type=int, default=20)
+    g.add_argument("--log-every", type=int, default=0, help="0: ~100 points per run")
 
 
 def config_from_args(a: argparse.Namespace, strategy: str):
@@ -75,7 +77,7 @@ def config_from_args(a: argparse.Namespace, strategy: str):
         model=ModelArgs(a.model, a.pooling, a.head, a.head_dropout),
         strategy=StrategyArgs(strategy, a.lora_r, a.lora_alpha, a.lora_dropout,
                               a.lora_targets.split(",") if a.lora_targets else None,
-                              a.adapter_reduction),
+                              a.adapter_reduction, a.adapter_where),
         train=TrainArgs(a.epochs, a.batch_size, a.eval_batch_size, a.lr, a.weight_decay,
                         a.warmup_ratio, a.schedule, a.grad_accum, a.max_grad_norm, a.max_steps,
                         a.patience, a.seed, a.precision, a.class_weights, a.save_every,
@@ -172,6 +174,52 @@ def cmd_predict(a) -> int:
     return 0
 
 
+def cmd_compare(a) -> int:
+    from .api import prepare_out_dir
+    from .compare import run_compare
+
+    if not a.out:
+        raise UserError("--out DIR is required: the folder for the table, chart and runs")
+    out = prepare_out_dir(a.out, False) if not a.overwrite else _overwrite_compare(a.out)
+    cfg = config_from_args(a, "full")
+    if a.lr is not None:
+        log.warning("--lr %g applies to every strategy; their defaults differ (frozen 1e-3, "
+                    "lora 5e-4, adapter 1e-3, full 5e-5)", a.lr)
+    strategies = [s.strip() for s in a.strategies.split(",") if s.strip()]
+    rows = run_compare(cfg, strategies, out, progress=not a.quiet)
+    print((out / "compare.md").read_text())
+    print(f"table: {out / 'compare.md'}  chart: {out / 'compare.png'}")
+    return 0 if any(r["status"] == "ok" for r in rows) else 1
+
+
+def _overwrite_compare(out: str) -> Path:
+    import shutil
+
+    p = Path(out)
+    if p.exists() and any(p.iterdir()):
+        if not (p / "compare.json").exists():
+            raise UserError(f"--out {p}: not a textune compare folder, so --overwrite will not "
+                            f"delete it; choose another folder")
+        shutil.rmtree(p)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def cmd_export(a) -> int:
+    from .export import export_run
+
+    out = export_run(a.run, a.out, merge=a.merge)
+    print(f"exported to {out} (plain HF backbone in {out / 'backbone'}; textune.load works)")
+    return 0
+
+
+def cmd_report(a) -> int:
+    from .report import write_report
+
+    print(f"report: {write_report(a.run)}")
+    return 0
+
+
 def cmd_list(a) -> int:
     from . import hub
 
@@ -195,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
 
     t = sub.add_parser("train", help="fine-tune a classifier and evaluate it")
-    t.add_argument("--strategy", default="full", help="full | frozen | lora")
+    t.add_argument("--strategy", default="full", help="full | frozen | lora | adapter")
     t.add_argument("--out", help="run folder (must not exist or be empty)")
     t.add_argument("--overwrite", action="store_true",
                    help="replace an existing run folder (only a textune run folder)")
@@ -225,6 +273,26 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true")
     common(r)
     r.set_defaults(func=cmd_predict)
+
+    c = sub.add_parser("compare", help="several strategies on the same splits, side by side")
+    c.add_argument("--strategies", default="frozen,adapter,lora,full")
+    c.add_argument("--out", required=True)
+    c.add_argument("--overwrite", action="store_true")
+    add_train_flags(c)
+    common(c)
+    c.set_defaults(func=cmd_compare)
+
+    x = sub.add_parser("export", help="merge LoRA into the weights: a plain HF backbone + head")
+    x.add_argument("run")
+    x.add_argument("--out", required=True)
+    x.add_argument("--merge", action="store_true", help="merge adapter weights (required)")
+    common(x)
+    x.set_defaults(func=cmd_export)
+
+    rp = sub.add_parser("report", help="(re)build report.html and plots of a run or eval folder")
+    rp.add_argument("run")
+    common(rp)
+    rp.set_defaults(func=cmd_report)
 
     lp = sub.add_parser("list", help="catalog models and datasets, and whether each is cached")
     common(lp)

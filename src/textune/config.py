@@ -43,13 +43,14 @@ class StrategyArgs:
     lora_dropout: float = 0.05
     lora_targets: list[str] | None = None
     adapter_reduction: int = 16
+    adapter_where: str = "both"
 
     def options(self) -> dict:
         if self.name == "lora":
             return {"r": self.lora_r, "alpha": self.lora_alpha, "dropout": self.lora_dropout,
                     "targets": self.lora_targets}
         if self.name == "adapter":
-            return {"reduction": self.adapter_reduction}
+            return {"reduction": self.adapter_reduction, "where": self.adapter_where}
         return {}
 
 
@@ -72,7 +73,8 @@ class TrainArgs:
     class_weights: str = "none"
     save_every: int = 0
     """Also checkpoint every N optimizer steps (0: only at the end of each epoch)."""
-    log_every: int = 20
+    log_every: int = 0
+    """Log loss every N steps (0: about 100 points per run, at most every 20 steps)."""
 
 
 @dataclass

@@ -152,6 +152,8 @@ def fit(module: nn.Module, train_data: TrainData, val_data: TrainData | None, ar
     total = args.max_steps or steps_per_epoch * args.epochs
     epochs = args.epochs if args.max_steps is None else -(-total // steps_per_epoch)
     warmup = int(args.warmup_ratio * total)
+    # ~100 points for the loss curve, but no more often than needed: .item() is a device sync
+    log_every = args.log_every or max(1, min(20, total // 100))
 
     groups = param_groups(module, args.weight_decay)
     fused = {"fused": True} if accelerator.device.type == "cuda" else {}
@@ -209,7 +211,7 @@ def fit(module: nn.Module, train_data: TrainData, val_data: TrainData | None, ar
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             bar.update(1)
-            if state.step % args.log_every == 0 or state.step == total:
+            if state.step % log_every == 0 or state.step == total:
                 # .item() syncs with the device: only when logging
                 loss_val = (running / max(1, running_n)).item()
                 running.zero_()

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from ..errors import UserError
+from .adapter import Adapter
 from .base import Strategy
 from .frozen import Frozen
 from .full import Full
 from .lora import LoRA
 
-REGISTRY: dict[str, type[Strategy]] = {s.name: s for s in (Full, Frozen, LoRA)}
+REGISTRY: dict[str, type[Strategy]] = {s.name: s for s in (Full, Frozen, LoRA, Adapter)}
 
 
 def get_strategy(name: str, **options) -> Strategy:

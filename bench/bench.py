@@ -1,0 +1,165 @@
+"""textune vs Hugging Face Trainer, same model, data, hyperparameters and machine, one process.
+
+    python bench/bench.py quick   # CPU, minilm-l6 full fine-tuning on a fixed rt-polarity subset
+    python bench/bench.py full    # quick + the GPU rows when CUDA is present (see bench/gpu.py)
+
+Prints a table and, last, ``speedup_vs_trainer=X accuracy_textune=A accuracy_trainer=B``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HYPER = {"epochs": 1, "batch_size": 32, "lr": 5e-5, "weight_decay": 0.01, "warmup_ratio": 0.06,
+         "max_length": 64, "seed": 0}
+
+
+def subset(n_train: int, n_test: int, tmp: Path) -> tuple[Path, Path, Path]:
+    """A fixed rt-polarity subset (seeded), written as CSV files both tools read."""
+    from textune.data import read_table, resolve_data
+
+    t = read_table(resolve_data("rt-polarity"))
+    order = np.random.default_rng(0).permutation(len(t))
+    parts = {"train": order[:n_train], "val": order[n_train:n_train + 200],
+             "test": order[n_train + 200:n_train + 200 + n_test]}
+    paths = []
+    for name, idx in parts.items():
+        p = tmp / f"{name}.csv"
+        with open(p, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["text", "label"])
+            w.writerows((t.texts[i], t.labels[i]) for i in idx)
+        paths.append(p)
+    return tuple(paths)
+
+
+def run_textune(train: Path, val: Path, test: Path, out: Path, precision: str = "auto") -> dict:
+    from textune.api import train as tt
+    from textune.config import DataArgs, ModelArgs, RunConfig, StrategyArgs, TrainArgs
+
+    h = HYPER
+    cfg = RunConfig(DataArgs(str(train), val=str(val), test=str(test), max_length=h["max_length"]),
+                    ModelArgs("minilm-l6"), StrategyArgs("full"),
+                    TrainArgs(epochs=h["epochs"], batch_size=h["batch_size"], lr=h["lr"],
+                              weight_decay=h["weight_decay"], warmup_ratio=h["warmup_ratio"],
+                              seed=h["seed"], precision=precision), str(out))
+    m = tt(cfg, progress=False)
+    return {"seconds": m["train_seconds"], "accuracy": m["accuracy"], "n": m["splits"]["train"]}
+
+
+def run_trainer(train: Path, test: Path, out: Path) -> dict:
+    """What a practitioner writes today: AutoModelForSequenceClassification + Trainer with
+    dynamic padding (DataCollatorWithPadding), the same hyperparameters."""
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer,
+                              DataCollatorWithPadding, Trainer, TrainingArguments)
+
+    from textune.data import read_table
+    from textune.modeling import resolve_model
+
+    h = HYPER
+    src = resolve_model("minilm-l6")
+    tok = AutoTokenizer.from_pretrained(src)
+    tr, te = read_table(train), read_table(test)
+    names = sorted(set(tr.labels))
+
+    class DS(torch.utils.data.Dataset):
+        def __init__(self, table):
+            self.enc = tok(table.texts, truncation=True, max_length=h["max_length"])
+            self.y = [names.index(y) for y in table.labels]
+
+        def __len__(self):
+            return len(self.y)
+
+        def __getitem__(self, i):
+            return {"input_ids": self.enc["input_ids"][i],
+                    "attention_mask": self.enc["attention_mask"][i],
+                    "token_type_ids": self.enc["token_type_ids"][i], "labels": self.y[i]}
+
+    torch.manual_seed(h["seed"])
+    model = AutoModelForSequenceClassification.from_pretrained(src, num_labels=len(names))
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=h["batch_size"],
+                             per_device_eval_batch_size=128, num_train_epochs=h["epochs"],
+                             learning_rate=h["lr"], weight_decay=h["weight_decay"],
+                             warmup_steps=h["warmup_ratio"], lr_scheduler_type="linear",
+                             max_grad_norm=1.0, seed=h["seed"], report_to="none",
+                             save_strategy="no", logging_strategy="no", disable_tqdm=True,
+                             use_cpu=not torch.cuda.is_available())
+    trainer = Trainer(model=model, args=args, train_dataset=DS(tr),
+                      data_collator=DataCollatorWithPadding(tok))
+    t = time.perf_counter()
+    trainer.train()
+    secs = time.perf_counter() - t
+    pred = trainer.predict(DS(te))
+    acc = float((pred.predictions.argmax(-1) == np.array(pred.label_ids)).mean())
+    return {"seconds": secs, "accuracy": acc, "n": len(tr)}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"threads {torch.get_num_threads()}")
+
+
+def quick(n_train: int = 3000, n_test: int = 1000) -> dict:
+    import transformers
+
+    tmp = Path(tempfile.mkdtemp(prefix="textune-bench-"))
+    train, val, test = subset(n_train, n_test, tmp)
+    rows = {}
+    # alternate the order so neither tool always runs on a warmer machine
+    rows["trainer"] = run_trainer(train, test, tmp / "trainer")
+    rows["textune"] = run_textune(train, val, test, tmp / "textune")
+    speed = rows["trainer"]["seconds"] / rows["textune"]["seconds"]
+    print(f"\nmachine: {machine()}, transformers {transformers.__version__}")
+    print(f"task: minilm-l6 full fine-tuning, rt-polarity {n_train} train / {n_test} test, "
+          f"{json.dumps(HYPER)}")
+    print(f"{'tool':<10} {'train s':>9} {'samples/s':>10} {'accuracy':>9}")
+    for k, r in rows.items():
+        print(f"{k:<10} {r['seconds']:>9.1f} {r['n'] / r['seconds']:>10.1f} {r['accuracy']:>9.4f}")
+    print(f"speedup_vs_trainer={speed:.2f} accuracy_textune={rows['textune']['accuracy']:.4f} "
+          f"accuracy_trainer={rows['trainer']['accuracy']:.4f}")
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("mode", choices=["quick", "full"], nargs="?", default="quick")
+    p.add_argument("--n-train", type=int, default=3000)
+    a = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    quick(a.n_train)
+    if a.mode == "full":
+        if torch.cuda.is_available():
+            sys.path.insert(0, str(Path(__file__).parent))
+            import gpu  # noqa: F401  (runs the GPU rows)
+
+            gpu.main()
+        else:
+            print("no CUDA device: GPU rows skipped")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""`textune compare`: every strategy on the same splits and seed, side by side."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+from .config import RunConfig
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+COLUMNS = [("strategy", "strategy"), ("accuracy", "accuracy"), ("macro_f1", "macro-F1"),
+           ("train_seconds", "train s"), ("train_samples_per_second", "samples/s"),
+           ("peak_memory_mb", "peak MB"), ("trainable_params", "trainable params"),
+           ("saved_bytes", "saved size")]
+
+
+def _human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def run_compare(base: RunConfig, strategies: list[str], out: Path, *,
+                progress: bool = True) -> list[dict]:
+    from .api import train
+    from .strategies import REGISTRY
+
+    unknown = [s for s in strategies if s not in REGISTRY]
+    if unknown:
+        raise UserError(f"--strategies: unknown {unknown}; choose from {', '.join(REGISTRY)}")
+    if not strategies:
+        raise UserError("--strategies: give at least one, e.g. frozen,lora,full")
+    rows = []
+    for name in strategies:
+        cfg = copy.deepcopy(base)
+        cfg.strategy.name = name
+        cfg.out = str(out / name)
+        log.info("=== %s ===", name)
+        try:
+            m = train(cfg, progress=progress)
+            rows.append({"strategy": name, "status": "ok", "run": cfg.out,
+                         **{k: m.get(k) for k, _ in COLUMNS[1:]}})
+        except Exception as e:  # one failure must not lose the others
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            log.error("%s failed: %s", name, msg)
+            rows.append({"strategy": name, "status": f"failed: {msg}", "run": cfg.out})
+        write_outputs(out, rows, base)
+    return rows
+
+
+def write_outputs(out: Path, rows: list[dict], base: RunConfig) -> None:
+    (out / "compare.json").write_text(json.dumps(
+        {"model": base.model.model, "data": base.data.data, "seed": base.train.seed,
+         "epochs": base.train.epochs, "max_length": base.data.max_length, "rows": rows},
+        indent=2) + "\n")
+    head = "| " + " | ".join(h for _, h in COLUMNS) + " | status |"
+    lines = [f"# textune compare: {base.model.model} on {base.data.data}", "",
+             f"Same splits and seed ({base.train.seed}); epochs {base.train.epochs}; metrics on "
+             f"the held-out test split. Each run's folder is beside this file.", "",
+             head, "|" + "---|" * (len(COLUMNS) + 1)]
+    for r in rows:
+        cells = []
+        for k, _ in COLUMNS:
+            v = r.get(k)
+            if v is None:
+                cells.append("-")
+            elif k == "saved_bytes":
+                cells.append(_human_bytes(v))
+            elif k in ("accuracy", "macro_f1"):
+                cells.append(f"{v:.4f}")
+            elif isinstance(v, float):
+                cells.append(f"{v:,.1f}")
+            elif isinstance(v, int):
+                cells.append(f"{v:,}")
+            else:
+                cells.append(str(v))
+        lines.append("| " + " | ".join(cells) + f" | {r['status']} |")
+    (out / "compare.md").write_text("\n".join(lines) + "\n")
+    plot_compare(out / "compare.png", rows)
+
+
+def plot_compare(path: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    if ok:
+        biggest = max(max(r.get("trainable_params") or 1 for r in ok), 1)
+        for r in ok:
+            size = 60 + 1400 * ((r.get("trainable_params") or 1) / biggest) ** 0.5
+            ax.scatter(r["train_seconds"], r["accuracy"], s=size, alpha=0.55)
+            ax.annotate(f"{r['strategy']}\n{r.get('trainable_params', 0):,} params",
+                        (r["train_seconds"], r["accuracy"]), textcoords="offset points",
+                        xytext=(8, 8), fontsize=8)
+        xs = [r["train_seconds"] for r in ok]
+        ys = [r["accuracy"] for r in ok]
+        ax.set_xlim(0, max(xs) * 1.35 + 1)
+        lo = min(ys)
+        ax.set_ylim(max(0, lo - 0.08), min(1.0, max(ys) + 0.05))
+    failed = [r["strategy"] for r in rows if r["status"] != "ok"]
+    title = "accuracy vs training time (point area ~ trainable parameters)"
+    ax.set(xlabel="training seconds", ylabel="test accuracy", title=title)
+    ax.title.set_fontsize(10)
+    if failed:
+        ax.text(0.02, 0.02, "failed: " + ", ".join(failed), transform=ax.transAxes, color="red")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

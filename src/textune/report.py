@@ -1,0 +1,151 @@
+"""Run reports: PNG plots and a self-contained ``report.html`` (images embedded, opens offline)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_history(run: Path) -> tuple[list[dict], list[dict]]:
+    steps, epochs = [], []
+    p = run / "history.jsonl"
+    if p.exists():
+        for line in p.read_text().splitlines():
+            rec = json.loads(line)
+            (epochs if "val_accuracy" in rec else steps).append(rec)
+    return steps, epochs
+
+
+def plot_training(run: Path, steps: list[dict], epochs: list[dict]) -> list[Path]:
+    plt = _plt()
+    out = []
+    if steps:
+        fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+        ax[0].plot([s["step"] for s in steps], [s["loss"] for s in steps], color="tab:blue")
+        ax[0].set(title="training loss", xlabel="optimizer step", ylabel="cross-entropy")
+        ax[1].plot([s["step"] for s in steps], [s["lr"] for s in steps], color="tab:orange")
+        ax[1].set(title="learning rate", xlabel="optimizer step")
+        ax[1].ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+        fig.tight_layout()
+        out.append(_save(fig, run / "loss_lr.png"))
+    if epochs:
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        e = [r["epoch"] for r in epochs]
+        ax.plot(e, [r["val_accuracy"] for r in epochs], "o-", label="accuracy")
+        ax.plot(e, [r["val_macro_f1"] for r in epochs], "s--", label="macro-F1")
+        ax.set(title="validation per epoch", xlabel="epoch", ylim=(0, 1.02))
+        ax.set_xticks(e)
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        out.append(_save(fig, run / "validation.png"))
+    return out
+
+
+def plot_metrics(folder: Path, metrics: dict, prefix: str = "") -> list[Path]:
+    import numpy as np
+
+    plt = _plt()
+    names = metrics["labels"]
+    cm = np.array(metrics["confusion_matrix"])
+    k = len(names)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * k, 1.0 + 0.6 * k))
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                    color="white" if norm[i, j] > 0.6 else "black", fontsize=9)
+    ax.set_xticks(range(k), names, rotation=40, ha="right")
+    ax.set_yticks(range(k), names)
+    ax.set(xlabel="predicted", ylabel="true", title=f"confusion matrix ({metrics['split']})"
+           if len(str(metrics["split"])) < 30 else "confusion matrix")
+    fig.tight_layout()
+    out = [_save(fig, folder / f"{prefix}confusion_matrix.png")]
+    f1 = [metrics["per_class"][n]["f1"] for n in names]
+    fig, ax = plt.subplots(figsize=(max(4, 0.8 * k + 2), 3.4))
+    bars = ax.bar(range(k), f1, color="tab:green")
+    ax.bar_label(bars, [f"{v:.2f}" for v in f1], fontsize=8)
+    ax.axhline(metrics["macro_f1"], color="gray", ls="--", lw=1, label="macro-F1")
+    ax.set_xticks(range(k), names, rotation=30, ha="right")
+    ax.set(ylim=(0, 1.08), ylabel="F1", title="per-class F1")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    out.append(_save(fig, folder / f"{prefix}per_class_f1.png"))
+    return out
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;
+text-align:right}th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
+img{max-width:100%;margin:.5em 0}code{background:#f4f4f4;padding:1px 4px}"""
+
+
+def _table(rows: list[list], header: list[str]) -> str:
+    h = "".join(f"<th>{html.escape(str(x))}</th>" for x in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in r) + "</tr>"
+                   for r in rows)
+    return f"<table><tr>{h}</tr>{body}</table>"
+
+
+def write_report(folder: str | Path, metrics: dict | None = None, title: str | None = None) -> Path:
+    """Build PNGs and ``report.html`` for a run (train) or an eval folder."""
+    folder = Path(folder)
+    if metrics is None:
+        p = folder / "metrics.json"
+        if not p.exists():
+            from .errors import UserError
+
+            raise UserError(f"{folder}: no metrics.json; pass a finished run or eval folder")
+        metrics = json.loads(p.read_text())
+    steps, epochs = read_history(folder)
+    images = plot_training(folder, steps, epochs) + plot_metrics(folder, metrics)
+    cfg = folder / "config.json"
+    summary = [["accuracy", f"{metrics['accuracy']:.4f}"], ["macro-F1", f"{metrics['macro_f1']:.4f}"],
+               ["evaluated on", f"{metrics['split']} (n={metrics['n_eval']})"]]
+    for key, label in (("model", "model"), ("strategy", "strategy"), ("train_seconds", "train s"),
+                       ("train_samples_per_second", "samples/s"),
+                       ("trainable_params", "trainable params"), ("total_params", "total params"),
+                       ("peak_memory_mb", "peak memory MB"), ("best_epoch", "best epoch"),
+                       ("device", "device")):
+        if key in metrics:
+            v = metrics[key]
+            summary.append([label, json.dumps(v) if isinstance(v, dict) else
+                            (f"{v:,}" if isinstance(v, int) else v)])
+    per_class = [[n, f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", c["support"]]
+                 for n, c in metrics["per_class"].items()]
+    parts = [f"<h1>{html.escape(title or 'textune report: ' + folder.name)}</h1>",
+             _table(summary, ["", "value"]), "<h2>Per class</h2>",
+             _table(per_class, ["class", "precision", "recall", "F1", "support"]),
+             "<h2>Plots</h2>", *(_img(p) for p in images)]
+    if cfg.exists():
+        parts += ["<h2>Configuration</h2>", f"<pre>{html.escape(cfg.read_text())}</pre>"]
+    doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(folder.name)}"
+           f"</title><style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")
+    out = folder / "report.html"
+    out.write_text(doc, encoding="utf-8")
+    return out

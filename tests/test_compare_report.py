@@ -1,0 +1,91 @@
+"""compare, report, export, class weights on tiny models."""
+
+import json
+
+import numpy as np
+import pytest
+
+import textune
+from textune.cli import main
+
+from .conftest import toy_rows, write_csv
+
+
+def test_compare_writes_table_json_chart_and_survives_a_failure(tiny_bert, toy_csv, tmp_path,
+                                                               capsys, monkeypatch):
+    import textune.strategies.adapter as adapter
+
+    def broken(*a, **k):
+        raise RuntimeError("adapter exploded")
+
+    monkeypatch.setattr(adapter, "insert_adapters", broken)
+    out = tmp_path / "cmp"
+    code = main(["compare", "--model", str(tiny_bert), "--data", str(toy_csv), "--strategies",
+                 "frozen,adapter,full", "--epochs", "1", "--out", str(out), "--quiet"])
+    assert code == 0
+    md = (out / "compare.md").read_text()
+    for s in ("frozen", "adapter", "full"):
+        assert f"| {s} |" in md
+    assert "failed: adapter exploded" in md
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert [r["status"] for r in rows] == ["ok", "failed: adapter exploded", "ok"]
+    assert (out / "compare.png").stat().st_size > 5000
+    assert (out / "frozen" / "metrics.json").exists() and (out / "full" / "report.html").exists()
+
+
+def test_every_run_has_a_report_with_embedded_plots(tiny_bert, toy_csv, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_bert), "--data", str(toy_csv), "--epochs", "2",
+                 "--out", str(out), "--quiet"]) == 0
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4  # loss/lr, validation, confusion, F1
+    for png in ("loss_lr.png", "validation.png", "confusion_matrix.png", "per_class_f1.png"):
+        assert (out / png).stat().st_size > 3000
+    assert "http" not in html.replace("http-equiv", "")  # self-contained
+    (out / "report.html").unlink()
+    assert main(["report", str(out)]) == 0 and (out / "report.html").exists()
+    assert main(["eval", str(out), "--data", str(toy_csv), "--out", str(tmp_path / "ev"),
+                 "--quiet"]) == 0
+    assert "data:image/png" in (tmp_path / "ev" / "report.html").read_text()
+
+
+def test_export_merges_lora_and_reloads_identically(tiny_bert, toy_csv, tmp_path, capsys):
+    run, exp = tmp_path / "lora", tmp_path / "exp"
+    assert main(["train", "--model", str(tiny_bert), "--data", str(toy_csv), "--strategy", "lora",
+                 "--epochs", "2", "--lr", "5e-3", "--out", str(run), "--quiet"]) == 0
+    assert main(["export", str(run), "--merge", "--out", str(exp)]) == 0
+    texts = ["good film", "awful dull plot", "the story"]
+    a = textune.load(run).predict_proba(texts)
+    b = textune.load(exp).predict_proba(texts)
+    assert np.allclose(a, b, atol=1e-5)
+    from transformers import AutoModel
+
+    plain = AutoModel.from_pretrained(exp / "backbone")  # a plain HF folder, no PEFT
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+
+
+def test_class_weights_auto_helps_minority_class(tiny_bert, tmp_path, capsys):
+    """On a 9:1 imbalanced set, inverse-frequency weights raise minority recall (macro-F1)."""
+    rows = toy_rows(2000, seed=3)
+    pos = [r for r in rows if r[1] == "pos"][:900]
+    neg = [r for r in rows if r[1] == "neg"][:100]
+    data = write_csv(tmp_path / "imb.csv", pos + neg)
+    res = {}
+    for cw in ("none", "auto"):
+        out = tmp_path / cw
+        assert main(["train", "--model", str(tiny_bert), "--data", str(data), "--strategy",
+                     "frozen", "--epochs", "6", "--lr", "5e-2", "--class-weights", cw, "--out",
+                     str(out), "--quiet"]) == 0
+        res[cw] = json.loads((out / "metrics.json").read_text())
+    assert res["auto"]["per_class"]["neg"]["recall"] > res["none"]["per_class"]["neg"]["recall"]
+    assert res["auto"]["macro_f1"] > res["none"]["macro_f1"]
+
+
+@pytest.mark.parametrize("where,expect", [("both", 4), ("ffn", 2)])
+def test_adapter_where(tiny_bert, where, expect):
+    from textune.modeling import TextClassifier, load_backbone
+    from textune.strategies import get_strategy
+
+    m = get_strategy("adapter", reduction=4, where=where).setup(
+        TextClassifier(load_backbone(str(tiny_bert)), 2))
+    assert sum(1 for n, _ in m.named_modules() if n.endswith(".adapter")) == expect
