@@ -118,7 +118,7 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
                         cfg.data.truncation, splits.labels) for name in ("train", "val", "test")}
 
     seed_everything(cfg.train.seed)
-    model = build_model(cfg, len(splits.labels), src)
+    model = build_model(cfg, len(splits.labels), src, for_training=True)
     cfg.model.pooling = model.pooling
     strategy = get_strategy(cfg.strategy.name, **cfg.strategy.options())
     model = strategy.setup(model)
@@ -129,12 +129,23 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
     accelerator = build_accelerator(cfg.train.precision)
     device = accelerator.device
     trainable, total = count_params(model)
+    if cfg.train.batch_size == 0:
+        b = auto_batch_size(model, enc["train"], cfg, accelerator, strategy.name)
+        target = cfg.train.batch_size_target
+        cfg.train.batch_size, cfg.train.grad_accum = b, max(1, -(-target // b))
+        log.info("batch size auto: %d rows per step x %d accumulation = %d per optimizer step",
+                 b, cfg.train.grad_accum, b * cfg.train.grad_accum)
+    plan = memory_plan(model, cfg, accelerator, strategy.name)
+    for line in plan.lines():
+        log.info(line)
     log.info("%s on %s: %s of %s parameters train; %d train / %d val / %d test rows",
              strategy.name, device, f"{trainable:,}", f"{total:,}", len(splits.train),
              len(splits.val), len(splits.test))
 
     if accelerator.is_main_process and not resume:
         cfg.model.model = resolve_model_key(cfg.model.model)
+        for f in ("data", "val", "test"):  # absolute paths: the run reloads from anywhere
+            setattr(cfg.data, f, _data_key(getattr(cfg.data, f)))
         cfg.save(out / "config.json")
         save_labels(splits.labels, out / "labels.json")
         tokenizer.save_pretrained(out / "tokenizer")
@@ -203,6 +214,10 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
         "peak_memory_mb": round(_peak_memory_mb(device), 1),
         "device": str(device),
         "precision": accelerator.mixed_precision,
+        "batch_size": cfg.train.batch_size,
+        "grad_accum": cfg.train.grad_accum,
+        "memory_plan_mb": {k: round(v / 2**20, 1) for k, v in plan.as_dict().items()
+                           if isinstance(v, float)},
         "saved_bytes": saved_bytes(out),
         "textune_version": __version__,
     })
@@ -220,6 +235,68 @@ def _report(folder: Path, metrics: dict) -> None:
         write_report(folder, metrics)
     except Exception as e:  # a plotting failure must not lose a finished run
         log.warning("report.html not written (%s); rebuild it with `textune report %s`", e, folder)
+
+
+def memory_plan(model, cfg: RunConfig, accelerator, strategy: str):
+    from .plan import estimate
+
+    trainable, total = count_params(model)
+    wbytes = next(model.backbone.parameters()).element_size()
+    return estimate(model.backbone.config, total, trainable, strategy=strategy,
+                    batch_size=cfg.train.batch_size or cfg.train.batch_size_target,
+                    max_length=cfg.data.max_length or 512,
+                    precision=str(accelerator.mixed_precision), device=str(accelerator.device),
+                    gradient_checkpointing=cfg.model.gradient_checkpointing,
+                    weight_bytes=wbytes, load_in_4bit=cfg.model.load_in_4bit)
+
+
+def auto_batch_size(model, data: Encoded, cfg: RunConfig, accelerator, strategy: str) -> int:
+    """The largest per-step batch (at most the target) that fits: tried on a GPU with the
+    longest rows, estimated from the memory plan elsewhere."""
+    import copy
+
+    target = cfg.train.batch_size_target
+    candidates = [b for b in (target, target // 2, target // 4, target // 8, target // 16,
+                              target // 32, 1) if b >= 1]
+    candidates = sorted(set(candidates), reverse=True)
+    if strategy == "frozen":
+        return target  # the head trains on cached features: tiny
+    device = accelerator.device
+    if device.type != "cuda":
+        for b in candidates:
+            c = copy.deepcopy(cfg)
+            c.train.batch_size = b
+            plan = memory_plan(model, c, accelerator, strategy)
+            if plan.free is None or plan.total < 0.8 * plan.free:
+                return b
+        return 1
+    from .train import amp_dtype
+
+    model.to(device).train()
+    longest = np.argsort(-data.lengths)
+    total_mem = torch.cuda.get_device_properties(device).total_memory
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    optimizer_bytes = 8 * trainable  # AdamW moments, not allocated yet
+    for b in candidates:
+        try:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            batch = {k: v.to(device) for k, v in data.collate(longest[:b].tolist()).items()}
+            labels = batch.pop("labels")
+            amp = amp_dtype(accelerator)
+            with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
+                loss = torch.nn.functional.cross_entropy(model(**batch).float(), labels)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            peak = torch.cuda.max_memory_allocated(device)
+            if peak + optimizer_bytes < 0.9 * total_mem:
+                return b
+        except torch.cuda.OutOfMemoryError:
+            model.zero_grad(set_to_none=True)
+        finally:
+            torch.cuda.empty_cache()
+    raise UserError("--batch-size auto: not even one row of --max-length fits this GPU; lower "
+                    "--max-length, add --gradient-checkpointing or --load-in-4bit")
 
 
 def resolve_model_key(spec: str) -> str:
@@ -266,25 +343,54 @@ def compute_features(model, data: Encoded, cfg: RunConfig, device, amp, progress
 
 
 def evaluate_run(run: str | Path, data: str, out: str | Path | None = None, *,
-                 text_col=None, label_col=None, pair_col=None, progress: bool = True) -> dict:
-    """Metrics of a saved run on a labelled file (or catalog dataset)."""
+                 split: str = "auto", text_col=None, label_col=None, pair_col=None,
+                 progress: bool = True) -> dict:
+    """Metrics of a saved run on labelled data.
+
+    ``split='auto'``: if ``data`` is the run's own training data, only its held-out test split
+    (recomputed from the saved seed and fractions) is scored, so training rows never inflate
+    the result; any other data is scored in full. ``'test'``, ``'val'``, ``'all'`` force it.
+    """
+    if split not in ("auto", "test", "val", "all"):
+        raise UserError(f"--split {split}: choose auto, test, val or all")
+    if out and Path(out).exists() and any(Path(out).iterdir()):
+        raise UserError(f"--out {out}: folder exists and is not empty; choose a new folder")
     clf: Classifier = load(run)
-    table = read_table(resolve_data(data), text_col=text_col or clf.config.data.text_col,
-                       label_col=label_col or clf.config.data.label_col,
-                       pair_col=pair_col or clf.config.data.text_pair_col)
+    cfg = clf.config
+    same = _data_key(data) == _data_key(cfg.data.data)
+    if split in ("test", "val") and not same:
+        raise UserError(f"--split {split}: only for the run's own data ({cfg.data.data}); "
+                        f"other data is scored in full")
+    if same and split != "all":
+        part = "val" if split == "val" else "test"
+        table = getattr(load_splits(cfg), part)
+        split_name = f"{part} split of {data} (as in training)"
+    else:
+        table = read_table(resolve_data(data), text_col=text_col or cfg.data.text_col,
+                           label_col=label_col or cfg.data.label_col,
+                           pair_col=pair_col or cfg.data.text_pair_col)
+        split_name = f"all rows of {data}"
     t = time.perf_counter()
     metrics = clf.evaluate(table, progress=progress)
     secs = time.perf_counter() - t
-    metrics.update({"split": f"all rows of {data}", "run": str(run), "seconds": round(secs, 3),
+    metrics.update({"split": split_name, "run": str(run), "seconds": round(secs, 3),
                     "examples_per_second": round(len(table) / secs, 2)})
     if out:
-        o = prepare_out_dir(out, False) if not Path(out).exists() or not any(Path(out).iterdir()) \
-            else None
-        if o is None:
-            raise UserError(f"--out {out}: folder exists and is not empty; choose a new folder")
+        o = prepare_out_dir(out, False)
         (o / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
         _report(o, metrics)
     return metrics
+
+
+def _data_key(spec: str | None) -> str | None:
+    from . import hub
+
+    if spec is None:
+        return None
+    if spec in hub.CATALOG:
+        return spec
+    p = Path(spec).expanduser()
+    return str(p.resolve()) if p.exists() else spec
 
 
 __all__ = ["train", "evaluate_run", "load", "load_splits", "prepare_out_dir"]

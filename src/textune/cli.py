@@ -15,8 +15,16 @@ from .errors import UserError
 log = logging.getLogger("textune")
 
 
-def _int_or_none(s: str) -> int | None:
-    return None if s.lower() in ("none", "") else int(s)
+def _batch_size(s: str) -> int:
+    if s == "auto":
+        return 0
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r}: a whole number or auto") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{s!r}: must be >= 1 (or auto)")
+    return v
 
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -28,6 +36,12 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="auto: mean for encoders, last token for decoders")
     g.add_argument("--head", default="linear", choices=["linear", "mlp"])
     g.add_argument("--head-dropout", type=float, default=0.1)
+    g.add_argument("--weights-dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 for a frozen backbone on a bf16 GPU, else fp32")
+    g.add_argument("--load-in-4bit", action="store_true",
+                   help="QLoRA: 4-bit NF4 backbone (CUDA + bitsandbytes; with --strategy lora)")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass: less memory, ~30%% slower")
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="catalog dataset or CSV/TSV/JSONL/Parquet file")
     g.add_argument("--val", help="validation file (default: split from --data)")
@@ -51,7 +65,10 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="adapters after attention and feed-forward (Houlsby) or ffn only (Pfeiffer)")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=3)
-    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--batch-size", type=_batch_size, default=32,
+                   help="rows per optimizer step, or auto: the largest that fits the device, "
+                        "accumulating to 32 (or --batch-size-target)")
+    g.add_argument("--batch-size-target", type=int, default=32)
     g.add_argument("--eval-batch-size", type=int, default=128)
     g.add_argument("--lr", type=float, help="peak learning rate (default per strategy)")
     g.add_argument("--weight-decay", type=float, default=0.01)
@@ -74,11 +91,13 @@ def config_from_args(a: argparse.Namespace, strategy: str):
     return RunConfig(
         data=DataArgs(a.data, a.val, a.test, a.text_col, a.label_col, a.text_pair_col, a.limit,
                       a.max_length, a.truncation, a.val_fraction, a.test_fraction),
-        model=ModelArgs(a.model, a.pooling, a.head, a.head_dropout),
+        model=ModelArgs(a.model, a.pooling, a.head, a.head_dropout, a.weights_dtype,
+                        a.load_in_4bit, a.gradient_checkpointing),
         strategy=StrategyArgs(strategy, a.lora_r, a.lora_alpha, a.lora_dropout,
                               a.lora_targets.split(",") if a.lora_targets else None,
                               a.adapter_reduction, a.adapter_where),
-        train=TrainArgs(a.epochs, a.batch_size, a.eval_batch_size, a.lr, a.weight_decay,
+        train=TrainArgs(a.epochs, a.batch_size, a.batch_size_target, a.eval_batch_size, a.lr,
+                        a.weight_decay,
                         a.warmup_ratio, a.schedule, a.grad_accum, a.max_grad_norm, a.max_steps,
                         a.patience, a.seed, a.precision, a.class_weights, a.save_every,
                         a.log_every),
@@ -126,7 +145,8 @@ def cmd_train(a) -> int:
 def cmd_eval(a) -> int:
     from .api import evaluate_run
 
-    m = evaluate_run(a.run, a.data, a.out, text_col=a.text_col, label_col=a.label_col,
+    m = evaluate_run(a.run, a.data, a.out, split=a.split, text_col=a.text_col,
+                     label_col=a.label_col,
                      pair_col=a.text_pair_col, progress=not a.quiet)
     print(_summary(m))
     if a.out:
@@ -213,6 +233,46 @@ def cmd_export(a) -> int:
     return 0
 
 
+def cmd_plan(a) -> int:
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModel
+
+    from .modeling import TextClassifier, count_params, resolve_model
+    from .plan import estimate
+    from .strategies import get_strategy
+
+    cfg = config_from_args(a, a.strategy)
+    cfg.validate()
+    src = resolve_model(cfg.model.model)
+    try:
+        mcfg = AutoConfig.from_pretrained(src)
+    except OSError as e:
+        raise UserError(f"--model {a.model}: no config ({str(e).splitlines()[0]})") from None
+    with init_empty_weights():  # shapes only: no weights are read or allocated
+        model = TextClassifier(AutoModel.from_config(mcfg), 2, cfg.model.pooling)
+        model = get_strategy(cfg.strategy.name, **cfg.strategy.options()).setup(model)
+    trainable, total = count_params(model)
+    import torch
+
+    from .classifier import weights_dtype
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    wbytes = 2 if weights_dtype(cfg) == torch.bfloat16 else 4
+    plan = estimate(mcfg, total, trainable, strategy=cfg.strategy.name,
+                    batch_size=cfg.train.batch_size or cfg.train.batch_size_target,
+                    max_length=cfg.data.max_length or 512, precision=precision, device=device,
+                    gradient_checkpointing=cfg.model.gradient_checkpointing, weight_bytes=wbytes,
+                    load_in_4bit=cfg.model.load_in_4bit)
+    print(f"{a.model}: {total:,} parameters, {trainable:,} train ({cfg.strategy.name}); batch "
+          f"{cfg.train.batch_size or cfg.train.batch_size_target} x {cfg.data.max_length or 512} "
+          f"tokens, {precision}{', gradient checkpointing' if cfg.model.gradient_checkpointing else ''}")
+    print("\n".join(plan.lines()))
+    return 0
+
+
 def cmd_report(a) -> int:
     from .report import write_report
 
@@ -257,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run")
     e.add_argument("--data", required=True)
     e.add_argument("--out")
+    e.add_argument("--split", default="auto", choices=["auto", "test", "val", "all"],
+                   help="auto: the held-out test split when --data is the run's training data, "
+                        "else all rows")
     e.add_argument("--text-col")
     e.add_argument("--label-col")
     e.add_argument("--text-pair-col")
@@ -288,6 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--merge", action="store_true", help="merge adapter weights (required)")
     common(x)
     x.set_defaults(func=cmd_export)
+
+    pl = sub.add_parser("plan", help="estimated peak memory of a training run (no weights read)")
+    pl.add_argument("--strategy", default="full")
+    add_train_flags(pl)
+    pl._option_string_actions["--data"].required = False
+    common(pl)
+    pl.set_defaults(func=cmd_plan, out=None)
 
     rp = sub.add_parser("report", help="(re)build report.html and plots of a run or eval folder")
     rp.add_argument("run")

@@ -33,6 +33,11 @@ class ModelArgs:
     pooling: str = "auto"
     head: str = "linear"
     head_dropout: float = 0.1
+    weights_dtype: str = "auto"
+    """auto: bf16 for a frozen backbone on a bf16 GPU (lora, frozen, adapter), else fp32."""
+    load_in_4bit: bool = False
+    """QLoRA: the frozen backbone quantised to 4-bit NF4 (bitsandbytes, CUDA only)."""
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -58,6 +63,9 @@ class StrategyArgs:
 class TrainArgs:
     epochs: int = 3
     batch_size: int = 32
+    """Rows per optimizer step; 0 = auto: the largest per-step batch that fits the device, with
+    gradient accumulation keeping ``batch_size_target`` rows per optimizer step."""
+    batch_size_target: int = 32
     eval_batch_size: int = 128
     lr: float | None = None
     """Peak learning rate; default depends on the strategy."""
@@ -89,7 +97,11 @@ class RunConfig:
         t, d = self.train, self.data
         checks = [
             (t.epochs >= 1, "--epochs must be >= 1"),
-            (t.batch_size >= 1, "--batch-size must be >= 1"),
+            (t.batch_size >= 0, "--batch-size must be >= 1 (or auto)"),
+            (self.model.weights_dtype in ("auto", "fp32", "bf16"),
+             "--weights-dtype: choose auto, fp32 or bf16"),
+            (not self.model.load_in_4bit or self.strategy.name == "lora",
+             "--load-in-4bit is QLoRA: use it with --strategy lora"),
             (t.grad_accum >= 1, "--grad-accum must be >= 1"),
             (t.lr is None or t.lr > 0, "--lr must be > 0"),
             (0 <= t.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),

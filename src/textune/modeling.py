@@ -105,16 +105,42 @@ def is_decoder(config) -> bool:
     return t in MODEL_FOR_CAUSAL_LM_MAPPING and t not in MODEL_FOR_MASKED_LM_MAPPING
 
 
-def load_backbone(src: str, dtype: torch.dtype | None = None) -> nn.Module:
+def load_backbone(src: str, dtype: torch.dtype | None = None, load_in_4bit: bool = False,
+                  gradient_checkpointing: bool = False) -> nn.Module:
     from transformers import AutoModel
 
+    kw: dict = {}
+    if load_in_4bit:
+        if not torch.cuda.is_available():
+            raise UserError("--load-in-4bit (QLoRA) needs a CUDA GPU and bitsandbytes; on this "
+                            "machine use --strategy lora without it")
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+        except ImportError:
+            raise UserError("--load-in-4bit needs bitsandbytes: pip install bitsandbytes") \
+                from None
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+        kw["device_map"] = {"": torch.cuda.current_device()}
     try:
-        model = AutoModel.from_pretrained(src, dtype=dtype or torch.float32)
+        model = AutoModel.from_pretrained(src, dtype=dtype or torch.float32, **kw)
     except OSError as e:
         raise UserError(f"--model {src}: could not load ({str(e).splitlines()[0]}); a hub id "
                         f"needs network access, or pass a local folder / catalog name") from None
-    if getattr(model, "pooler", None) is not None:
-        model.pooler = None  # unused: we pool ourselves (and DDP dislikes unused parameters)
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False  # no generation: a KV cache would only cost memory
+    if load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise UserError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -163,6 +189,8 @@ class TextClassifier(nn.Module):
                  head: str = "linear", dropout: float = 0.1):
         super().__init__()
         self.backbone = backbone
+        if getattr(backbone, "pooler", None) is not None:
+            backbone.pooler = None  # unused: we pool ourselves (and DDP dislikes unused params)
         cfg = backbone.config.get_text_config() if hasattr(backbone.config, "get_text_config") \
             else backbone.config
         self.pooling = default_pooling(backbone.config) if pooling == "auto" else pooling
@@ -170,10 +198,16 @@ class TextClassifier(nn.Module):
             raise UserError(f"--pooling {pooling}: choose one of {', '.join(POOLINGS)}")
         self.hidden_size = cfg.hidden_size
         self.head = ClassifierHead(cfg.hidden_size, num_labels, head, dropout)
+        # A causal model reading right-padded rows needs no attention mask: a real token only
+        # ever attends to earlier, real tokens, and pads are never pooled. Dropping the mask
+        # lets SDPA take its causal flash path instead of a masked kernel.
+        self.causal = is_decoder(backbone.config)
 
     def features(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        """Pooled features. Rows must be right-padded (textune's collation always is)."""
         kw = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kw)
+        mask = None if self.causal else attention_mask
+        out = self.backbone(input_ids=input_ids, attention_mask=mask, **kw)
         return pool(out.last_hidden_state, attention_mask, self.pooling)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, features=None,
