@@ -81,28 +81,26 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     g.add_argument("--class-weights", default="none", choices=["none", "auto"])
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile (GPU; pays a warm-up per length bucket, for long jobs)")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps too")
     g.add_argument("--log-every", type=int, default=0, help="0: ~100 points per run")
 
 
 def config_from_args(a: argparse.Namespace, strategy: str):
+    """Flags -> RunConfig: each dataclass field is read from the flag of the same name."""
+    from dataclasses import fields
+
     from .config import DataArgs, ModelArgs, RunConfig, StrategyArgs, TrainArgs
 
-    return RunConfig(
-        data=DataArgs(a.data, a.val, a.test, a.text_col, a.label_col, a.text_pair_col, a.limit,
-                      a.max_length, a.truncation, a.val_fraction, a.test_fraction),
-        model=ModelArgs(a.model, a.pooling, a.head, a.head_dropout, a.weights_dtype,
-                        a.load_in_4bit, a.gradient_checkpointing),
-        strategy=StrategyArgs(strategy, a.lora_r, a.lora_alpha, a.lora_dropout,
-                              a.lora_targets.split(",") if a.lora_targets else None,
-                              a.adapter_reduction, a.adapter_where),
-        train=TrainArgs(a.epochs, a.batch_size, a.batch_size_target, a.eval_batch_size, a.lr,
-                        a.weight_decay,
-                        a.warmup_ratio, a.schedule, a.grad_accum, a.max_grad_norm, a.max_steps,
-                        a.patience, a.seed, a.precision, a.class_weights, a.save_every,
-                        a.log_every),
-        out=a.out or "",
-    )
+    def build(cls, **override):
+        kw = {f.name: getattr(a, f.name) for f in fields(cls) if hasattr(a, f.name)}
+        return cls(**{**kw, **override})
+
+    targets = a.lora_targets.split(",") if getattr(a, "lora_targets", None) else None
+    return RunConfig(data=build(DataArgs), model=build(ModelArgs),
+                     strategy=build(StrategyArgs, name=strategy, lora_targets=targets),
+                     train=build(TrainArgs), out=getattr(a, "out", None) or "")
 
 
 def _summary(m: dict) -> str:

@@ -79,6 +79,9 @@ class TrainArgs:
     seed: int = 0
     precision: str = "auto"
     class_weights: str = "none"
+    compile: bool = False
+    """torch.compile the model; lengths are padded to multiples of 64 so few shapes compile."""
+    pad_multiple: int = 8
     save_every: int = 0
     """Also checkpoint every N optimizer steps (0: only at the end of each epoch)."""
     log_every: int = 0

@@ -98,7 +98,8 @@ def estimate(config, total_params: int, trainable_params: int, *, strategy: str,
     else:
         activations = tokens * n["layers"] * per_token_layer
     overhead = 0.35 * GIB if device.startswith("cuda") else 0.5 * GIB
-    return Plan(weights, grads, optim, activations, overhead, device, device_free_bytes(device))
+    return Plan(float(weights), float(grads), float(optim), float(activations), float(overhead),
+                device, device_free_bytes(device))
 
 
 def cpu_count() -> int:

@@ -161,6 +161,8 @@ def fit(module: nn.Module, train_data: TrainData, val_data: TrainData | None, ar
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total, warmup, args.schedule))
     module, optimizer = accelerator.prepare(module, optimizer)
+    pad_multiple = 64 if args.compile else args.pad_multiple
+    step_module = torch.compile(module) if args.compile else module  # static shapes per bucket
     if class_weights is not None:
         class_weights = class_weights.to(accelerator.device)
 
@@ -187,7 +189,7 @@ def fit(module: nn.Module, train_data: TrainData, val_data: TrainData | None, ar
         start = state.batch_in_epoch if epoch == state.epoch else 0
         for i in range(start, n_batches):
             batch = {k: v.to(accelerator.device, non_blocking=True)
-                     for k, v in train_data.collate(batches[i]).items()}
+                     for k, v in _collate(train_data, batches[i], pad_multiple).items()}
             labels = batch.pop("labels")
             group_start = (i // args.grad_accum) * args.grad_accum
             group = min(args.grad_accum, n_batches - group_start)  # the last group may be short
@@ -195,7 +197,7 @@ def fit(module: nn.Module, train_data: TrainData, val_data: TrainData | None, ar
             sync = accelerator.no_sync(module) if not last_in_group and world > 1 \
                 else _nullcontext()
             with sync, accelerator.autocast():
-                logits = module(**batch)
+                logits = step_module(**batch)
                 loss = cross_entropy(logits, labels, class_weights)
             accelerator.backward(loss / group)
             running += loss.detach()
@@ -258,6 +260,12 @@ def fit(module: nn.Module, train_data: TrainData, val_data: TrainData | None, ar
             break
     bar.close()
     return state
+
+
+def _collate(data: TrainData, idx: list[int], multiple: int) -> dict[str, torch.Tensor]:
+    if data.lengths is None:  # cached features: nothing to pad
+        return data.collate(idx)
+    return data.collate(idx, multiple)  # type: ignore[call-arg]
 
 
 class _nullcontext:

@@ -1,0 +1,434 @@
+"""GPU rows of the benchmark: textune vs what practitioners run today, same data, same card.
+
+Synthetic data as in shared/anchors (random-weight models: speed does not depend on weights;
+IMDB-like lengths). Each row prints real tokens/s (or texts/s) and MFU; JSON lines go to
+$OUT/gpu.jsonl when OUT is set. Run: PYTHONPATH=src python3 bench/gpu.py [rows...]
+Rows: bert_trainer, bert_textune, bert_textune_compile, llama_trainer, llama_textune,
+frozen_classic, frozen_textune, infer_pipeline, infer_textune, qlora.
+SMALL=1 shrinks everything to check the script on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SMALL = os.environ.get("SMALL") == "1"
+DEV = "cuda" if torch.cuda.is_available() and not SMALL else "cpu"
+PEAK = 790e12
+RESULTS: list[dict] = []
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def lengths_like_imdb(n, median, seed=0, cap=512):
+    rng = np.random.default_rng(seed)
+    return np.minimum(np.clip(rng.lognormal(math.log(median), 0.65, n).astype(int), 16, 3000), cap)
+
+
+def report(name, secs, n, tokens, flops_per_token=None, peak=None, **extra):
+    r = {"row": name, "seconds": round(secs, 3), "samples_per_s": round(n / secs, 1),
+         "real_tokens_per_s": round(tokens / secs), **extra}
+    if flops_per_token:
+        r["mfu"] = round(flops_per_token * tokens / secs / PEAK, 4)
+    if peak is not None:
+        r["peak_gib"] = round(peak / 2**30, 2)
+    RESULTS.append(r)
+    print(json.dumps(r), flush=True)
+    if os.environ.get("OUT"):
+        with open(Path(os.environ["OUT"]) / "gpu.jsonl", "a") as f:
+            f.write(json.dumps(r) + "\n")
+
+
+def reset_peak():
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak():
+    return torch.cuda.max_memory_allocated() if DEV == "cuda" else None
+
+
+# ---------------------------------------------------------------------------------- BERT-base
+def bert_setup():
+    from transformers import BertConfig
+
+    n = 256 if SMALL else int(os.environ.get("N", 8192))
+    cfg = BertConfig() if not SMALL else BertConfig(hidden_size=64, num_hidden_layers=2,
+                                                   num_attention_heads=2, intermediate_size=128)
+    cfg._attn_implementation = "sdpa"
+    lens = lengths_like_imdb(n, 230)
+    rng = np.random.default_rng(1)
+    seqs = [rng.integers(1000, 30000, int(x)) for x in lens]
+    labels = rng.integers(0, 2, n)
+    return cfg, seqs, labels, int(lens.sum())
+
+
+def bert_trainer():
+    from transformers import (BertForSequenceClassification, Trainer, TrainingArguments)
+
+    cfg, seqs, labels, real = bert_setup()
+    params = 109_483_778
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(seqs)
+
+        def __getitem__(self, i):
+            return {"input_ids": seqs[i].tolist(), "labels": int(labels[i])}
+
+    def collate(feats):
+        L = max(len(f["input_ids"]) for f in feats)
+        ids = torch.zeros(len(feats), L, dtype=torch.long)
+        m = torch.zeros_like(ids)
+        for i, f in enumerate(feats):
+            ids[i, :len(f["input_ids"])] = torch.tensor(f["input_ids"])
+            m[i, :len(f["input_ids"])] = 1
+        return {"input_ids": ids, "attention_mask": m,
+                "labels": torch.tensor([f["labels"] for f in feats])}
+
+    reset_peak()
+    model = BertForSequenceClassification(cfg).to(DEV)
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=32,
+                             num_train_epochs=1, learning_rate=2e-5, report_to=[],
+                             save_strategy="no", logging_strategy="no", bf16=DEV == "cuda",
+                             dataloader_num_workers=2, disable_tqdm=True, use_cpu=DEV == "cpu")
+    tr = Trainer(model=model, args=args, train_dataset=DS(), data_collator=collate)
+    sync()
+    t = time.perf_counter()
+    tr.train()
+    sync()
+    report("bert-base Trainer bf16 dynamic pad b32", time.perf_counter() - t, len(seqs), real,
+           6 * params, peak())
+
+
+def _encoded(seqs, labels):
+    from textune.data import Encoded
+
+    return Encoded([np.asarray(s, dtype=np.int64) for s in seqs], None,
+                   np.asarray(labels, dtype=np.int64), 0)
+
+
+def _fit(model, data, batch, lr, compile_=False):
+    from textune.config import TrainArgs
+    from textune.train import build_accelerator, fit
+
+    acc = build_accelerator("bf16" if DEV == "cuda" else "fp32")
+    args = TrainArgs(epochs=1, batch_size=batch, lr=lr, warmup_ratio=0.0, compile=compile_,
+                     log_every=10**9)
+    run = Path(tempfile.mkdtemp())
+    state = fit(model, data, None, args, lr=lr, accelerator=acc, run_dir=run,
+                evaluate=lambda x: {}, on_best=lambda: None, progress=False)
+    return state
+
+
+def bert_textune(compile_=False):
+    from transformers import BertModel
+
+    from textune.modeling import TextClassifier
+
+    cfg, seqs, labels, real = bert_setup()
+    params = 109_483_778
+    data = _encoded(seqs, labels)
+    reset_peak()
+    model = TextClassifier(BertModel(cfg), 2, pooling="cls").to(DEV)
+    if compile_:  # warm every bucket shape once, reported apart
+        t = time.perf_counter()
+        # one batch per length bucket (rounded to 64), on the same model
+        rounded = [-(-len(s) // 64) * 64 for s in seqs]
+        firsts = {}
+        for i, r in enumerate(rounded):
+            firsts.setdefault(r, []).append(i)
+        warm = [i for idx in firsts.values() for i in (idx * 32)[:32]]
+        _fit(model, _encoded([seqs[i] for i in warm], [labels[i] for i in warm]), 32, 2e-5,
+             compile_=True)
+        print(f"compile warm-up {time.perf_counter() - t:.1f}s ({len(firsts)} shapes)",
+              flush=True)
+    state = _fit(model, data, 32, 2e-5, compile_=compile_)
+    report("bert-base textune bf16 grouped b32" + (" compiled" if compile_ else ""),
+           state.train_seconds, len(seqs), real, 6 * params, peak())
+
+
+# ------------------------------------------------------------------------------ TinyLlama LoRA
+def llama_setup():
+    from transformers import LlamaConfig
+
+    n = 64 if SMALL else int(os.environ.get("NL", 2048))
+    if SMALL:
+        cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, vocab_size=32000,
+                          pad_token_id=0, num_labels=2)
+    else:
+        cfg = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                          num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
+                          max_position_embeddings=2048, pad_token_id=0, num_labels=2)
+    cfg._attn_implementation = "sdpa"
+    lens = lengths_like_imdb(n, 250)
+    rng = np.random.default_rng(2)
+    seqs = [rng.integers(1000, 30000, int(x)) for x in lens]
+    return cfg, seqs, rng.integers(0, 2, n), int(lens.sum())
+
+
+def llama_trainer():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForSequenceClassification, Trainer, TrainingArguments
+
+    cfg, seqs, labels, real = llama_setup()
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(seqs)
+
+        def __getitem__(self, i):
+            return {"input_ids": seqs[i].tolist(), "labels": int(labels[i])}
+
+    def collate(feats):
+        L = max(len(f["input_ids"]) for f in feats)
+        ids = torch.zeros(len(feats), L, dtype=torch.long)
+        m = torch.zeros_like(ids)
+        for i, f in enumerate(feats):
+            ids[i, :len(f["input_ids"])] = torch.tensor(f["input_ids"])
+            m[i, :len(f["input_ids"])] = 1
+        return {"input_ids": ids, "attention_mask": m,
+                "labels": torch.tensor([f["labels"] for f in feats])}
+
+    reset_peak()
+    dt = torch.bfloat16 if DEV == "cuda" else torch.float32
+    model = LlamaForSequenceClassification(cfg).to(dt).to(DEV)
+    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=16, lora_alpha=32,
+                                             target_modules="all-linear"))
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=8,
+                             num_train_epochs=1, bf16=DEV == "cuda", learning_rate=1e-4,
+                             report_to=[], save_strategy="no", logging_strategy="no",
+                             dataloader_num_workers=2, disable_tqdm=True, use_cpu=DEV == "cpu")
+    tr = Trainer(model=model, args=args, train_dataset=DS(), data_collator=collate)
+    sync()
+    t = time.perf_counter()
+    tr.train()
+    sync()
+    report("tinyllama-1.1B Trainer+PEFT LoRA r16 bf16 b8", time.perf_counter() - t, len(seqs),
+           real, 6 * 1.1e9, peak())
+
+
+def llama_textune(gc=False):
+    from transformers import LlamaModel
+
+    from textune.modeling import TextClassifier, count_params
+    from textune.plan import estimate
+    from textune.strategies import get_strategy
+
+    cfg, seqs, labels, real = llama_setup()
+    data = _encoded(seqs, labels)
+    reset_peak()
+    dt = torch.bfloat16 if DEV == "cuda" else torch.float32
+    backbone = LlamaModel(cfg).to(dt).to(DEV)
+    if gc:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = TextClassifier(backbone, 2)
+    model.head.float()
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_strategy("lora", r=16, alpha=32, dropout=0.0, targets=targets).setup(model)
+    model.to(DEV)
+    trainable, total = count_params(model)
+    plan = estimate(cfg, total, trainable, strategy="lora", batch_size=8, max_length=512,
+                    precision="bf16" if DEV == "cuda" else "fp32", device=DEV,
+                    gradient_checkpointing=gc, weight_bytes=2 if DEV == "cuda" else 4)
+    state = _fit(model, data, 8, 1e-4)
+    report("tinyllama-1.1B textune LoRA r16 bf16 b8" + (" + grad ckpt" if gc else ""),
+           state.train_seconds, len(seqs), real, 6 * 1.1e9, peak(),
+           plan_total_gib=round(plan.total / 2**30, 2),
+           plan_parts_gib={k: round(v / 2**30, 2) for k, v in plan.as_dict().items()
+                           if isinstance(v, float) and k != "free"})
+
+
+# ------------------------------------------------------------------------------------- frozen
+def frozen_classic():
+    from torch import nn
+    from transformers import BertModel
+
+    cfg, seqs, labels, real = bert_setup()
+    n = len(seqs)
+    bert = BertModel(cfg).to(DEV)
+    for p in bert.parameters():
+        p.requires_grad_(False)
+    h = cfg.hidden_size
+    head = nn.Sequential(nn.Linear(h, 512), nn.ReLU(), nn.Dropout(0.1), nn.Linear(512, 2)).to(DEV)
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-5)
+    sync()
+    t = time.perf_counter()
+    for _ in range(5):
+        for i in range(0, n, 32):
+            b = seqs[i:i + 32]
+            ids = torch.zeros(len(b), 250, dtype=torch.long)
+            m = torch.zeros_like(ids)
+            for r, s in enumerate(b):
+                s = s[:250]
+                ids[r, :len(s)] = torch.as_tensor(s)
+                m[r, :len(s)] = 1
+            out = bert(ids.to(DEV), m.to(DEV)).last_hidden_state[:, 0]
+            y = torch.as_tensor(labels[i:i + 32], device=DEV)
+            loss = nn.functional.cross_entropy(head(out), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    sync()
+    report("frozen classic loop: pad 250 fp32, recompute 5 epochs", time.perf_counter() - t, n,
+           real)
+
+
+def frozen_textune():
+    from transformers import BertModel
+
+    from textune.api import compute_features
+    from textune.config import RunConfig
+    from textune.modeling import TextClassifier
+
+    cfg, seqs, labels, real = bert_setup()
+    data = _encoded(seqs, labels)
+    dt = torch.bfloat16 if DEV == "cuda" else torch.float32
+    model = TextClassifier(BertModel(cfg).to(dt), 2, pooling="cls", head="mlp").to(DEV)
+    for p in model.backbone.parameters():
+        p.requires_grad_(False)
+    rc = RunConfig()
+    rc.train.eval_batch_size = 256
+    sync()
+    t = time.perf_counter()
+    feats = compute_features(model, data, rc, torch.device(DEV),
+                             torch.bfloat16 if DEV == "cuda" else None, False)
+    from textune.train import build_accelerator, fit
+    from textune.config import TrainArgs
+
+    acc = build_accelerator("bf16" if DEV == "cuda" else "fp32")
+    args = TrainArgs(epochs=5, batch_size=32, lr=1e-3, log_every=10**9)
+    fit(model, feats, None, args, lr=1e-3, accelerator=acc, run_dir=Path(tempfile.mkdtemp()),
+        evaluate=lambda x: {}, on_best=lambda: None, progress=False)
+    sync()
+    report("frozen textune: features once bf16 sorted + 5 epochs", time.perf_counter() - t,
+           len(seqs), real)
+
+
+# ---------------------------------------------------------------------------------- inference
+def infer_setup():
+    tok_dir = Path(__file__).resolve().parent.parent / ".tok"
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    n = 256 if SMALL else 4096
+    rng = np.random.default_rng(3)
+    vocab = [w for w in tok.get_vocab() if w.isalpha() and len(w) > 2][:20000]
+    lens = lengths_like_imdb(n, 180, seed=3, cap=3000)
+    texts = [" ".join(rng.choice(vocab, int(x))) for x in lens]
+    return tok, tok_dir, texts
+
+
+def infer_pipeline():
+    from transformers import BertForSequenceClassification, pipeline
+
+    from textune.modeling import TextClassifier  # noqa: F401
+
+    tok, _, texts = infer_setup()
+    cfg, *_ = bert_setup()
+    model = BertForSequenceClassification(cfg).to(torch.bfloat16 if DEV == "cuda" else torch.float32)
+    pipe = pipeline("text-classification", model=model, tokenizer=tok,
+                    device=0 if DEV == "cuda" else -1)
+    pipe(texts[:64], batch_size=32, truncation=True, max_length=512)
+    sync()
+    t = time.perf_counter()
+    pipe(texts, batch_size=32, truncation=True, max_length=512)
+    sync()
+    secs = time.perf_counter() - t
+    report("inference transformers pipeline bf16 b32", secs, len(texts), 0)
+
+
+def infer_textune():
+    from transformers import BertModel
+
+    from textune.classifier import Classifier
+    from textune.config import RunConfig
+    from textune.modeling import TextClassifier
+
+    tok, _, texts = infer_setup()
+    cfg, *_ = bert_setup()
+    rc = RunConfig()
+    rc.data.max_length = 512
+    model = TextClassifier(BertModel(cfg).to(torch.bfloat16 if DEV == "cuda" else torch.float32),
+                           2, pooling="cls")
+    clf = Classifier(model, tok, ["a", "b"], rc, DEV)
+    clf.predict(texts[:64])
+    sync()
+    t = time.perf_counter()
+    clf.predict(texts, batch_size=128)
+    sync()
+    report("inference textune predict (sorted, b128)", time.perf_counter() - t, len(texts), 0)
+
+
+# ---------------------------------------------------------------------------------- QLoRA
+def qlora():
+    """4-bit NF4 LoRA through the real CLI on a saved random LLaMA (bitsandbytes carried)."""
+    import csv
+    import subprocess
+
+    from transformers import LlamaConfig, LlamaModel
+
+    d = Path(tempfile.mkdtemp())
+    cfg = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                      num_attention_heads=16, num_key_value_heads=4, vocab_size=32000,
+                      pad_token_id=0)
+    LlamaModel(cfg).save_pretrained(d / "m")
+    tok, tok_dir, texts = infer_setup()
+    tok.save_pretrained(d / "m")
+    with open(d / "data.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for i, t in enumerate(texts[:600]):
+            w.writerow([(" good " if i % 2 else " bad ") + t[:200], i % 2])
+    r = subprocess.run([sys.executable, "-m", "textune", "train", "--model", str(d / "m"),
+                        "--data", str(d / "data.csv"), "--strategy", "lora", "--load-in-4bit",
+                        "--epochs", "1", "--max-length", "128", "--lr", "1e-3", "--out",
+                        str(d / "run"), "--quiet"], capture_output=True, text=True)
+    print("qlora exit", r.returncode, r.stdout[-800:], r.stderr[-1500:], flush=True)
+    if r.returncode == 0:
+        m = json.loads((d / "run" / "metrics.json").read_text())
+        RESULTS.append({"row": "qlora smoke", "accuracy": m["accuracy"],
+                        "peak_memory_mb": m["peak_memory_mb"]})
+        print(json.dumps(RESULTS[-1]), flush=True)
+
+
+ROWS = {"bert_trainer": bert_trainer, "bert_textune": bert_textune,
+        "bert_textune_compile": lambda: bert_textune(True), "llama_trainer": llama_trainer,
+        "llama_textune": llama_textune, "llama_textune_gc": lambda: llama_textune(True),
+        "frozen_classic": frozen_classic, "frozen_textune": frozen_textune,
+        "infer_pipeline": infer_pipeline, "infer_textune": infer_textune, "qlora": qlora}
+
+
+def main(rows=None):
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    print(f"device {torch.cuda.get_device_name() if DEV == 'cuda' else 'cpu'}, torch "
+          f"{torch.__version__}, transformers {transformers.__version__}", flush=True)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    for name in rows or [r for r in ROWS if r != "qlora"]:
+        try:
+            ROWS[name]()
+        except Exception as e:
+            print(f"FAILED {name}: {type(e).__name__}: {str(e)[:400]}", flush=True)
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or None)
