@@ -52,7 +52,8 @@ def test_every_run_has_a_report_with_embedded_plots(tiny_bert, toy_csv, tmp_path
 def test_export_merges_lora_and_reloads_identically(tiny_bert, toy_csv, tmp_path, capsys):
     run, exp = tmp_path / "lora", tmp_path / "exp"
     assert main(["train", "--model", str(tiny_bert), "--data", str(toy_csv), "--strategy", "lora",
-                 "--epochs", "2", "--lr", "5e-3", "--out", str(run), "--quiet"]) == 0
+                 "--epochs", "2", "--lr", "5e-3", "--precision", "fp32", "--out", str(run),
+                 "--quiet"]) == 0
     assert main(["export", str(run), "--merge", "--out", str(exp)]) == 0
     texts = ["good film", "awful dull plot", "the story"]
     a = textune.load(run).predict_proba(texts)

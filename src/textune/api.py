@@ -22,7 +22,8 @@ from .errors import UserError
 from .metrics import classification_metrics
 from .modeling import count_params, load_tokenizer, resolve_model
 from .strategies import get_strategy
-from .train import (CKPT, FeatureData, amp_dtype, build_accelerator, fit, predict_logits)
+from .train import (CKPT, FeatureData, amp_dtype, build_accelerator, fit, predict_logits,
+                    resolve_precision)
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,7 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
         cfg.strategy.lora_targets = strategy.options["targets"]
     lr = cfg.train.lr or strategy.default_lr
     cfg.train.lr = lr
+    cfg.train.precision = resolve_precision(cfg.train.precision)
     accelerator = build_accelerator(cfg.train.precision)
     device = accelerator.device
     trainable, total = count_params(model)

@@ -55,15 +55,20 @@ class Classifier:
 
     def logits(self, texts: list[str], pairs: list[str] | None = None,
                batch_size: int = 64, progress: bool = False) -> np.ndarray:
-        from .train import predict_logits
+        from .train import native_bf16, predict_logits
 
         if isinstance(texts, str):
             raise UserError("predict() takes a list of texts; wrap a single text in a list")
         if len(texts) == 0:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         enc = self.encode(texts, pairs)
-        amp = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() \
-            else None
+        # the run's precision, where this device does it natively (so reloaded predictions match
+        # the metrics written at training time)
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.train.precision)
+        if amp is torch.bfloat16 and not native_bf16(self.device.type):
+            amp = None
+        if amp is torch.float16 and self.device.type != "cuda":
+            amp = None
         return predict_logits(self.model, enc, batch_size, self.device, amp, progress=progress,
                               desc="predict")
 
