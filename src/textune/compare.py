@@ -30,7 +30,6 @@ def _human_bytes(n: int | None) -> str:
 
 def run_compare(base: RunConfig, strategies: list[str], out: Path, *,
                 progress: bool = True) -> list[dict]:
-    from .api import train
     from .strategies import REGISTRY
 
     unknown = [s for s in strategies if s not in REGISTRY]
@@ -44,16 +43,49 @@ def run_compare(base: RunConfig, strategies: list[str], out: Path, *,
         cfg.strategy.name = name
         cfg.out = str(out / name)
         log.info("=== %s ===", name)
-        try:
-            m = train(cfg, progress=progress)
+        status, m = _train_in_subprocess(cfg, progress)
+        if status == "ok":
             rows.append({"strategy": name, "status": "ok", "run": cfg.out,
                          **{k: m.get(k) for k, _ in COLUMNS[1:]}})
-        except Exception as e:  # one failure must not lose the others
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            log.error("%s failed: %s", name, msg)
-            rows.append({"strategy": name, "status": f"failed: {msg}", "run": cfg.out})
+        else:  # one failure must not lose the others
+            log.error("%s failed: %s", name, status)
+            rows.append({"strategy": name, "status": f"failed: {status}", "run": cfg.out})
         write_outputs(out, rows, base)
     return rows
+
+
+def _train_in_subprocess(cfg: RunConfig, progress: bool) -> tuple[str, dict]:
+    """Each strategy runs in its own process: its peak memory is its own, and a crash (even an
+    out-of-memory kill) of one strategy is reported instead of ending the comparison."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_worker, args=(cfg.to_dict(), progress, q))
+    p.start()
+    result = None
+    while result is None:
+        try:
+            result = q.get(timeout=1.0)
+        except Exception:  # queue.Empty: still running?
+            if not p.is_alive():
+                break
+    p.join()
+    if result is None:
+        return f"process died (exit code {p.exitcode}; out of memory?)", {}
+    return result
+
+
+def _worker(cfg_dict: dict, progress: bool, q) -> None:
+    from .api import train
+    from .cli import setup_logging
+
+    setup_logging(False)
+    try:
+        q.put(("ok", train(RunConfig.from_dict(cfg_dict), progress=progress)))
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        q.put((msg if isinstance(e, UserError) else f"{type(e).__name__}: {msg}", {}))
 
 
 def write_outputs(out: Path, rows: list[dict], base: RunConfig) -> None:
@@ -97,12 +129,12 @@ def plot_compare(path: Path, rows: list[dict]) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     if ok:
         biggest = max(max(r.get("trainable_params") or 1 for r in ok), 1)
-        for r in ok:
+        for i, r in enumerate(sorted(ok, key=lambda r: r["accuracy"])):
             size = 60 + 1400 * ((r.get("trainable_params") or 1) / biggest) ** 0.5
             ax.scatter(r["train_seconds"], r["accuracy"], s=size, alpha=0.55)
-            ax.annotate(f"{r['strategy']}\n{r.get('trainable_params', 0):,} params",
+            ax.annotate(f"{r['strategy']} ({r.get('trainable_params', 0):,} params)",
                         (r["train_seconds"], r["accuracy"]), textcoords="offset points",
-                        xytext=(8, 8), fontsize=8)
+                        xytext=(10, -14 if i % 2 else 10), fontsize=8)
         xs = [r["train_seconds"] for r in ok]
         ys = [r["accuracy"] for r in ok]
         ax.set_xlim(0, max(xs) * 1.35 + 1)
