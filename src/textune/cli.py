@@ -223,6 +223,22 @@ def _overwrite_compare(out: str) -> Path:
     return p
 
 
+def cmd_prompt(a) -> int:
+    from dataclasses import fields
+
+    from .prompt import PromptArgs, run_prompt
+
+    kw = {f.name: getattr(a, f.name) for f in fields(PromptArgs) if hasattr(a, f.name)}
+    kw["kv_cache"] = not a.no_kv_cache
+    m = run_prompt(PromptArgs(**kw), progress=not a.quiet, overwrite=a.overwrite)
+    print(_summary(m))
+    raw = m["raw"]
+    print(f"raw (uncalibrated) accuracy {raw['accuracy']:.4f}  macro-F1 {raw['macro_f1']:.4f}; "
+          f"calibration {m['calibration']}; {m['examples_per_second']:.1f} texts/s")
+    print(f"run folder: {a.out}  (metrics.json, predictions.csv, report.html)")
+    return 0
+
+
 def cmd_export(a) -> int:
     from .export import export_run
 
@@ -342,6 +358,42 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_flags(c)
     common(c)
     c.set_defaults(func=cmd_compare)
+
+    q = sub.add_parser("prompt", help="zero-/few-shot classification with a causal LM "
+                       "(no training), scored on the same splits as train")
+    q.add_argument("--model", default="smollm2-135m", help="a causal LM: catalog, folder, hub id")
+    q.add_argument("--data", required=True)
+    q.add_argument("--val")
+    q.add_argument("--test", help="evaluation file (default: the test split of --data)")
+    q.add_argument("--text-col")
+    q.add_argument("--label-col")
+    q.add_argument("--labels", help="verbalizers, comma-separated in sorted label order, or "
+                   "name=word pairs (default: the label names)")
+    q.add_argument("--template", help="per-text format with {text} (default: 'Text: {text}\\n"
+                   "Category:', or Sentiment/Topic for catalog datasets)")
+    q.add_argument("--instruction", default="",
+                   help="text before the demonstrations, may use {labels} (default: none)")
+    q.add_argument("--chat", default="off", choices=["auto", "on", "off"],
+                   help="wrap the prompt in the model's chat template (auto: when it has one; "
+                        "off by default: plain completion scored higher on small models)")
+    q.add_argument("--shots", type=int, default=0, help="demonstrations per class, from the "
+                   "training split (never the evaluated texts)")
+    q.add_argument("--limit", type=int, help="cap evaluated rows (stratified sample)")
+    q.add_argument("--split", default="test", choices=["test", "val"])
+    q.add_argument("--calibrate", default="mean", choices=["mean", "content-free", "none"],
+                   help="mean: centre each label's scores over the evaluated texts; "
+                        "content-free: contextual calibration; both are reported")
+    q.add_argument("--label-score", default="sum", choices=["sum", "mean"],
+                   help="multi-token verbalizers: sum (log-likelihood) or mean per token")
+    q.add_argument("--batch-size", type=int, default=32)
+    q.add_argument("--max-length", type=int, default=256, help="tokens kept per text")
+    q.add_argument("--no-kv-cache", action="store_true",
+                   help="recompute the shared prefix in every batch (slower; for checking)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", required=True)
+    q.add_argument("--overwrite", action="store_true")
+    common(q)
+    q.set_defaults(func=cmd_prompt)
 
     x = sub.add_parser("export", help="merge LoRA into the weights: a plain HF backbone + head")
     x.add_argument("run")
