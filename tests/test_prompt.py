@@ -131,3 +131,25 @@ def test_prompt_refuses_an_encoder(tiny_bert, toy_csv, tmp_path, capsys):
                  str(tmp_path / "p"), "--quiet"])
     assert code == 2
     assert "causal (decoder) LM" in capsys.readouterr().err
+
+
+def test_compare_runs_prompt_beside_training(tiny_lm, tmp_path):
+    from .conftest import toy_rows, write_csv
+
+    model, tok = tiny_lm
+    folder = tmp_path / "lm"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    # labels the tiny vocabulary can say, so the verbalizers differ
+    rows = [(t, "good" if y == "pos" else "bad") for t, y in toy_rows(300)]
+    data = write_csv(tmp_path / "gb.csv", rows)
+    out = tmp_path / "cmp"
+    code = main(["compare", "--model", str(folder), "--data", str(data), "--strategies",
+                 "full,prompt", "--epochs", "1", "--out", str(out), "--quiet"])
+    assert code == 0
+    got = json.loads((out / "compare.json").read_text())["rows"]
+    assert [r["status"] for r in got] == ["ok", "ok"]
+    prompt = json.loads((out / "prompt" / "metrics.json").read_text())
+    full = json.loads((out / "full" / "metrics.json").read_text())
+    assert prompt["n_eval"] == full["n_eval"]  # the same test rows
+    assert prompt["trainable_params"] == 0 and "| prompt |" in (out / "compare.md").read_text()

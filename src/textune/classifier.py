@@ -96,6 +96,9 @@ def load(run_dir: str | Path, device: str | None = None) -> Classifier:
     if not (run / "config.json").exists() or not (run / "labels.json").exists():
         raise UserError(f"{run}: not a textune run folder (no config.json / labels.json); pass "
                         f"the --out folder of a finished `textune train`")
+    if json.loads((run / "config.json").read_text()).get("kind") == "prompt":
+        raise UserError(f"{run}: a `textune prompt` folder has no trained weights; its scores "
+                        f"are in predictions.csv (rerun textune prompt on new data)")
     cfg = RunConfig.load(run / "config.json")
     labels = json.loads((run / "labels.json").read_text(encoding="utf-8"))
     strategy = get_strategy(cfg.strategy.name, **cfg.strategy.options())

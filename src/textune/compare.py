@@ -18,6 +18,10 @@ COLUMNS = [("strategy", "strategy"), ("accuracy", "accuracy"), ("macro_f1", "mac
            ("saved_bytes", "saved size")]
 
 
+# prompting baselines (no training): zero-shot, and 4 demonstrations per class
+PROMPTS = {"prompt": 0, "prompt-fewshot": 4}
+
+
 def _human_bytes(n: int | None) -> str:
     if n is None:
         return "-"
@@ -32,9 +36,10 @@ def run_compare(base: RunConfig, strategies: list[str], out: Path, *,
                 progress: bool = True) -> list[dict]:
     from .strategies import REGISTRY
 
-    unknown = [s for s in strategies if s not in REGISTRY]
+    known = [*REGISTRY, *PROMPTS]
+    unknown = [s for s in strategies if s not in known]
     if unknown:
-        raise UserError(f"--strategies: unknown {unknown}; choose from {', '.join(REGISTRY)}")
+        raise UserError(f"--strategies: unknown {unknown}; choose from {', '.join(known)}")
     if not strategies:
         raise UserError("--strategies: give at least one, e.g. frozen,lora,full")
     rows = []
@@ -82,10 +87,25 @@ def _worker(cfg_dict: dict, progress: bool, q) -> None:
 
     setup_logging(False)
     try:
-        q.put(("ok", train(RunConfig.from_dict(cfg_dict), progress=progress)))
+        cfg = RunConfig.from_dict(cfg_dict)
+        if cfg.strategy.name in PROMPTS:
+            q.put(("ok", _prompt(cfg, progress)))
+        else:
+            q.put(("ok", train(cfg, progress=progress)))
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         q.put((msg if isinstance(e, UserError) else f"{type(e).__name__}: {msg}", {}))
+
+
+def _prompt(cfg: RunConfig, progress: bool) -> dict:
+    """The prompting baseline on the same data, splits (seed) and test rows as the others."""
+    from .prompt import PromptArgs, run_prompt
+
+    d = cfg.data
+    return run_prompt(PromptArgs(model=cfg.model.model, data=d.data, val=d.val, test=d.test,
+                                 text_col=d.text_col, label_col=d.label_col,
+                                 shots=PROMPTS[cfg.strategy.name], seed=cfg.train.seed,
+                                 out=cfg.out), progress=progress)
 
 
 def write_outputs(out: Path, rows: list[dict], base: RunConfig) -> None:

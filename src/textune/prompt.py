@@ -319,7 +319,7 @@ def load_causal_lm(spec: str, device: torch.device):
 
 
 def run_prompt(a: PromptArgs, *, progress: bool = True, overwrite: bool = False) -> dict:
-    from .api import _report, load_splits, prepare_out_dir, resolve_model_key, seed_everything
+    from .api import _peak_memory_mb, _report, load_splits, prepare_out_dir, resolve_model_key, seed_everything
     from .config import DataArgs, ModelArgs, RunConfig, TrainArgs
     from .data import limit_indices, save_labels
     from .metrics import classification_metrics
@@ -390,6 +390,7 @@ def run_prompt(a: PromptArgs, *, progress: bool = True, overwrite: bool = False)
         "train_seconds": 0.0, "trainable_params": 0,
         "total_params": sum(p.numel() for p in model.parameters()),
         "total_seconds": round(time.perf_counter() - t0, 3), "device": str(device),
+        "peak_memory_mb": round(_peak_memory_mb(device), 1), "saved_bytes": 0,
         "splits": splits.split,
     })
     cfg_out = {"kind": "prompt", **asdict(a), "template": template, "model": resolve_model_key(a.model),
