@@ -239,6 +239,42 @@ def cmd_prompt(a) -> int:
     return 0
 
 
+def cmd_pretrain(a) -> int:
+    from dataclasses import fields
+
+    from .pretrain import PretrainArgs, pretrain
+
+    if a.resume:
+        args_file = Path(a.resume) / "pretrain_args.json"
+        if not args_file.exists():
+            raise UserError(f"--resume {a.resume}: no pretrain_args.json; pass the --out folder "
+                            f"of an interrupted `textune pretrain`")
+        saved = json.loads(args_file.read_text())
+        saved.update(out=a.resume)
+        if a.max_steps:
+            saved["max_steps"] = a.max_steps
+        pa = PretrainArgs(**saved)
+    else:
+        kw = {f.name: getattr(a, f.name) for f in fields(PretrainArgs) if hasattr(a, f.name)}
+        if a.model and a.init == "scratch":
+            raise UserError("--model and --init scratch exclude each other: continue a model, "
+                            "or build one from scratch")
+        kw["init"] = a.init or ("pretrained" if a.model else "scratch")
+        if not a.corpus:
+            raise UserError("--corpus is required: a text file, a folder, or peoples-daily")
+        if not a.out:
+            raise UserError("--out DIR is required: the folder the encoder is written to")
+        pa = PretrainArgs(**kw)
+    m = pretrain(pa, progress=not a.quiet, resume=bool(a.resume), overwrite=a.overwrite)
+    ratio = m["eval_mlm_loss_after"] / max(m["eval_mlm_loss_before"], 1e-9)
+    print(f"held-out MLM loss {m['eval_mlm_loss_before']:.4f} -> {m['eval_mlm_loss_after']:.4f} "
+          f"(x{ratio:.3f}); perplexity {m['eval_perplexity_before']:.1f} -> "
+          f"{m['eval_perplexity_after']:.1f}"
+          + (f"; NSP accuracy {m['eval_nsp_accuracy']:.3f}" if "eval_nsp_accuracy" in m else ""))
+    print(f"encoder + tokenizer: {pa.out}  (fine-tune it: textune train --model {pa.out} ...)")
+    return 0
+
+
 def cmd_export(a) -> int:
     from .export import export_run
 
@@ -394,6 +430,42 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true")
     common(q)
     q.set_defaults(func=cmd_prompt)
+
+    pt = sub.add_parser("pretrain", help="continue pretraining an encoder on raw text "
+                        "(masked LM, optionally + next-sentence prediction), or from scratch")
+    pt.add_argument("--corpus", help="text file, folder of text files, or a catalog corpus "
+                    "(peoples-daily, bbc-news-text)")
+    pt.add_argument("--model", help="encoder to continue (catalog, folder, hub id)")
+    pt.add_argument("--init", default=None, choices=["pretrained", "scratch"],
+                    help="scratch: learn a WordPiece vocabulary and build a small BERT")
+    pt.add_argument("--objective", default="mlm", choices=["mlm", "mlm+nsp"])
+    pt.add_argument("--whole-word-masking", action="store_true",
+                    help="mask whole words (WordPiece words; Chinese: jieba words if installed, "
+                         "else characters)")
+    pt.add_argument("--mlm-probability", type=float, default=0.15)
+    pt.add_argument("--vocab-size", type=int, default=8000, help="(scratch)")
+    pt.add_argument("--size", default="mini", choices=["tiny", "mini", "small"],
+                    help="(scratch) tiny 2x128, mini 4x256, small 4x512 (layers x hidden)")
+    pt.add_argument("--layers", type=int)
+    pt.add_argument("--hidden", type=int)
+    pt.add_argument("--heads", type=int)
+    pt.add_argument("--max-length", type=int, default=128)
+    pt.add_argument("--eval-fraction", type=float, default=0.02,
+                    help="share of documents held out for the before/after MLM loss")
+    pt.add_argument("--epochs", type=int, default=1)
+    pt.add_argument("--max-steps", type=int)
+    pt.add_argument("--batch-size", type=int, default=32)
+    pt.add_argument("--lr", type=float, help="default 5e-4 from scratch, 5e-5 continuing")
+    pt.add_argument("--warmup-ratio", type=float, default=0.06)
+    pt.add_argument("--grad-accum", type=int, default=1)
+    pt.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    pt.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps too")
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--out")
+    pt.add_argument("--overwrite", action="store_true")
+    pt.add_argument("--resume", metavar="DIR", help="continue an interrupted pretrain run")
+    common(pt)
+    pt.set_defaults(func=cmd_pretrain)
 
     x = sub.add_parser("export", help="merge LoRA into the weights: a plain HF backbone + head")
     x.add_argument("run")

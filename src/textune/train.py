@@ -169,8 +169,12 @@ def predict_logits(module: nn.Module, data: TrainData, batch_size: int, device: 
 def fit(module: nn.Module, train_data: TrainData, val_data: TrainData | None, args: TrainArgs, *,
         lr: float, accelerator, run_dir: Path, evaluate: Callable[[np.ndarray], dict],
         on_best: Callable[[], None], class_weights: torch.Tensor | None = None,
-        progress: bool = True, resume: bool = False) -> LoopState:
+        progress: bool = True, resume: bool = False,
+        module_returns_loss: bool = False) -> LoopState:
     """Train ``module`` on ``train_data``; validate each epoch and call ``on_best`` on improvement.
+
+    Classification modules return logits (cross-entropy against the batch's ``labels``); with
+    ``module_returns_loss`` the module takes ``labels`` itself and returns the loss (pretraining).
 
     ``evaluate`` turns validation logits into a metrics dict with ``macro_f1`` (model selection).
     """
@@ -228,8 +232,10 @@ def fit(module: nn.Module, train_data: TrainData, val_data: TrainData | None, ar
             sync = accelerator.no_sync(module) if not last_in_group and world > 1 \
                 else _nullcontext()
             with sync, accelerator.autocast():
-                logits = step_module(**batch)
-                loss = cross_entropy(logits, labels, class_weights)
+                if module_returns_loss:
+                    loss = step_module(**batch, labels=labels)
+                else:
+                    loss = cross_entropy(step_module(**batch), labels, class_weights)
             accelerator.backward(loss / group)
             running += loss.detach()
             running_n += 1
