@@ -125,7 +125,12 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
     model = strategy.setup(model)
     if cfg.strategy.name == "lora":
         cfg.strategy.lora_targets = strategy.options["targets"]
-    lr = cfg.train.lr or strategy.default_lr
+    from .modeling import is_decoder
+
+    default = strategy.default_lr
+    if strategy.default_lr_decoder and is_decoder(model.backbone.config):
+        default = strategy.default_lr_decoder
+    lr = cfg.train.lr or default
     cfg.train.lr = lr
     cfg.train.precision = resolve_precision(cfg.train.precision)
     accelerator = build_accelerator(cfg.train.precision)
@@ -334,12 +339,15 @@ def compute_features(model, data: Encoded, cfg: RunConfig, device, amp, progress
     from .data import batch_indices
 
     model.eval()
-    feats = torch.zeros(len(data), model.hidden_size)
+    # on a GPU the cache stays there (no host copies per batch, per epoch) unless it is huge
+    keep = device if device.type == "cuda" and len(data) * model.hidden_size * 4 < 2**31 \
+        else torch.device("cpu")
+    feats = torch.zeros(len(data), model.hidden_size, device=keep)
     batches = batch_indices(data.lengths, len(data), cfg.train.eval_batch_size, shuffle=False)
     for idx in tqdm(batches, desc="features", disable=not progress, leave=False, mininterval=1):
         b = {k: v.to(device) for k, v in data.collate(idx).items() if k != "labels"}
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            feats[idx] = model.features(**b).float().cpu()
+            feats[torch.as_tensor(idx, device=keep)] = model.features(**b).float().to(keep)
     model.train()
     return FeatureData(feats, data.labels)
 

@@ -275,6 +275,16 @@ def cmd_pretrain(a) -> int:
     return 0
 
 
+def cmd_serve(a) -> int:
+    from .serve import Limits, serve
+
+    serve(a.run, a.host, a.port, Limits(max_texts=a.max_texts, max_chars=a.max_chars,
+                                        max_body=a.max_body, max_batch=a.max_batch,
+                                        batch_wait_ms=a.batch_wait_ms,
+                                        microbatch=not a.no_microbatch))
+    return 0
+
+
 def cmd_export(a) -> int:
     from .export import export_run
 
@@ -466,6 +476,22 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--resume", metavar="DIR", help="continue an interrupted pretrain run")
     common(pt)
     pt.set_defaults(func=cmd_pretrain)
+
+    sv = sub.add_parser("serve", help="HTTP prediction service for a trained run "
+                        "(POST /predict, GET /health, /info, /docs)")
+    sv.add_argument("run")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-texts", type=int, default=256, help="texts per request")
+    sv.add_argument("--max-chars", type=int, default=20_000, help="characters per text")
+    sv.add_argument("--max-body", type=int, default=4 * 2**20, help="request body bytes")
+    sv.add_argument("--max-batch", type=int, default=64, help="texts per forward pass")
+    sv.add_argument("--batch-wait-ms", type=float, default=5.0,
+                    help="how long a request waits for others to share its forward pass")
+    sv.add_argument("--no-microbatch", action="store_true",
+                    help="one forward pass per request (for comparison)")
+    common(sv)
+    sv.set_defaults(func=cmd_serve)
 
     x = sub.add_parser("export", help="merge LoRA into the weights: a plain HF backbone + head")
     x.add_argument("run")

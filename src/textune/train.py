@@ -52,9 +52,12 @@ class FeatureData:
         return self.features.shape[0]
 
     def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
-        out = {"features": self.features[idx]}
+        dev = self.features.device
+        out = {"features": self.features[torch.as_tensor(idx, device=dev)]}
         if self.labels is not None:
-            out["labels"] = torch.from_numpy(self.labels[np.asarray(idx)])
+            if not hasattr(self, "_labels_t"):
+                self._labels_t = torch.as_tensor(self.labels, device=dev)
+            out["labels"] = self._labels_t[torch.as_tensor(idx, device=dev)]
         return out
 
 

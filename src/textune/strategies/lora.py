@@ -38,6 +38,8 @@ def default_targets(backbone: nn.Module) -> list[str] | str:
 class LoRA(Strategy):
     name = "lora"
     default_lr = 5e-4
+    # decoders: smollm2-135m, rt-polarity, 1,000 rows, 1 epoch: 5e-4 -> 0.741, 1e-3 -> 0.806
+    default_lr_decoder = 1e-3
 
     def __init__(self, r: int = 8, alpha: int | None = None, dropout: float = 0.05,
                  targets: list[str] | None = None, **options):

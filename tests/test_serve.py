@@ -1,0 +1,93 @@
+"""`textune serve`: answers, micro-batches concurrent requests, refuses bad input with 4xx and
+keeps answering."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from textune.serve import Limits, create_app  # noqa: E402
+
+
+class FakeClassifier:
+    """Counts forward passes; 'pos' in a text makes it positive."""
+    labels = ["neg", "pos"]
+
+    def __init__(self):
+        self.calls = []
+        self.lock = threading.Lock()
+
+    def predict_proba(self, texts):
+        with self.lock:
+            self.calls.append(len(texts))
+        p = np.array([[0.1, 0.9] if "pos" in t else [0.8, 0.2] for t in texts])
+        return p
+
+
+@pytest.fixture
+def client(tmp_path):
+    (tmp_path / "metrics.json").write_text(json.dumps({"accuracy": 0.9, "macro_f1": 0.89}))
+    clf = FakeClassifier()
+    app = create_app(clf, tmp_path, Limits(max_texts=4, max_chars=50, max_body=5000))
+    with TestClient(app) as c:
+        c.clf = clf
+        yield c
+
+
+def test_predict_health_info(client):
+    r = client.post("/predict", json={"texts": ["so pos", "bad"]})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["labels"] == ["pos", "neg"]
+    assert body["probabilities"][0] == {"neg": 0.1, "pos": 0.9}
+    assert client.get("/health").json() == {"status": "ok"}
+    info = client.get("/info").json()
+    assert info["labels"] == ["neg", "pos"] and info["metrics"]["accuracy"] == 0.9
+    assert "/predict" in client.get("/openapi.json").json()["paths"]
+
+
+@pytest.mark.parametrize("body,status", [
+    (b"{not json", 400),
+    (b"\xff\xfe\x00garbage", 400),
+    (b'{"texts": "one string"}', 422),
+    (b'{"texts": [1, 2]}', 422),
+    (b'{"text": ["x"]}', 422),
+    (b'[1, 2, 3]', 422),
+    (b'{"texts": []}', 422),
+    (b'{"texts": ["a", "b", "c", "d", "e"]}', 413),
+    (json.dumps({"texts": ["x" * 51]}).encode(), 422),
+    (json.dumps({"texts": ["x" * 40] * 3 + ["y" * 6000]}).encode(), 413),
+    (b"[" * 1500 + b"]" * 1500, 400),
+])
+def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_answering(client, body, status):
+    r = client.post("/predict", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert "error" in r.json() and r.json()["error"]
+    assert client.post("/predict", json={"texts": ["pos"]}).status_code == 200
+    assert not client.clf.calls or all(n <= 4 for n in client.clf.calls)
+
+
+def test_concurrent_requests_share_forward_passes(tmp_path):
+    import httpx
+
+    clf = FakeClassifier()
+    app = create_app(clf, tmp_path, Limits(max_batch=64, batch_wait_ms=50))
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+                rs = await asyncio.gather(*[c.post("/predict", json={"texts": [f"pos {i}"]})
+                                            for i in range(20)])
+        return rs
+
+    rs = asyncio.run(go())
+    assert all(r.status_code == 200 and r.json()["labels"] == ["pos"] for r in rs)
+    assert sum(clf.calls) == 20 and len(clf.calls) < 20  # batched together
