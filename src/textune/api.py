@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import shutil
 import time
@@ -102,7 +103,9 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
     Returns the metrics written to ``metrics.json``.
     """
     cfg.validate()
-    out = Path(cfg.out) if resume else prepare_out_dir(cfg.out, False)
+    # with several processes the launcher prepared the folder; only rank 0 writes to it
+    rank = int(os.environ.get("RANK", "0"))
+    out = Path(cfg.out) if resume or rank else prepare_out_dir(cfg.out, False)
     t0 = time.perf_counter()
     src = resolve_model(cfg.model.model)
     tokenizer = load_tokenizer(src)
@@ -182,7 +185,8 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
         best_state.clear()
         best_state.update({n: p.detach().cpu().clone() for n, p in model.named_parameters()
                            if p.requires_grad})
-        strategy.save(model, out)
+        if accelerator.is_main_process:
+            strategy.save(model, out)
 
     def evaluate(logits: np.ndarray) -> dict:
         return classification_metrics(val_data.labels, logits, splits.labels)

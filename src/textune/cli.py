@@ -113,10 +113,48 @@ def _summary(m: dict) -> str:
     return "\n".join(lines)
 
 
+def launch_processes(a, n: int) -> int:
+    """Re-run this command in ``n`` data-parallel processes with `accelerate launch`
+    (torch.distributed: gloo on CPU, NCCL on GPUs). The folder is checked here, once."""
+    import socket
+    import subprocess
+
+    import torch
+
+    from .api import prepare_out_dir
+
+    if not a.resume:
+        if not a.out:
+            raise UserError("--out DIR is required: the folder the run is written to")
+        prepare_out_dir(a.out, a.overwrite)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    gpus = torch.cuda.device_count()
+    if gpus and n > gpus:
+        raise UserError(f"--num-processes {n}: this machine has {gpus} GPUs")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(port)]
+    cmd += ["--multi_gpu"] if gpus else ["--cpu", "--num_cpu_threads_per_process",
+                                         str(max(1, (os.cpu_count() or 1) // n))]
+    argv = [x for x in a._argv]
+    if "--overwrite" in argv:  # the folder is already prepared (and empty)
+        argv.remove("--overwrite")
+    cmd += ["-m", "textune.cli", *argv]
+    env = {**os.environ, "TEXTUNE_LAUNCHED": "1"}
+    log.info("launching %d processes: accelerate launch ... -m textune.cli %s", n,
+             " ".join(argv))
+    return subprocess.call(cmd, env=env)
+
+
 def cmd_train(a) -> int:
     from .api import train
     from .config import RunConfig
 
+    if a.num_processes > 1 and not os.environ.get("TEXTUNE_LAUNCHED"):
+        return launch_processes(a, a.num_processes)
+    rank = int(os.environ.get("RANK", "0"))
     if a.resume:
         run = Path(a.resume)
         if not (run / "config.json").exists():
@@ -128,11 +166,13 @@ def cmd_train(a) -> int:
         if not a.data:
             raise UserError("--data is required (a catalog dataset or a file)")
         cfg = config_from_args(a, a.strategy)
-        if a.overwrite:
+        if a.overwrite and rank == 0:
             from .api import prepare_out_dir
 
             prepare_out_dir(cfg.out, True)
         m = train(cfg, progress=not a.quiet)
+    if rank:
+        return 0  # the main process reports
     print(_summary(m))
     print(f"train {m['train_seconds']:.1f}s ({m['train_samples_per_second']:.1f} samples/s), "
           f"{m['trainable_params']:,} of {m['total_params']:,} parameters trained")
@@ -368,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true",
                    help="replace an existing run folder (only a textune run folder)")
     t.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its folder")
+    t.add_argument("--num-processes", type=int, default=1,
+                   help="data-parallel processes via accelerate launch (GPUs, or CPU with gloo); "
+                        "--batch-size stays the rows per optimizer step over all of them")
     add_train_flags(t)
     t._option_string_actions["--data"].required = False
     common(t)
@@ -537,6 +580,7 @@ def setup_logging(debug: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
+    a._argv = list(sys.argv[1:] if argv is None else argv)
     setup_logging(a.debug)
     try:
         return a.func(a)

@@ -155,6 +155,10 @@ def predict_logits(module: nn.Module, data: TrainData, batch_size: int, device: 
     module.eval()
     out: list[tuple[list[int], torch.Tensor]] = []
     batches = batch_indices(data.lengths, len(data), batch_size, shuffle=False)
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    world = torch.distributed.get_world_size() if dist else 1
+    if world > 1:  # each process scores its share of the batches; gathered below
+        batches = batches[torch.distributed.get_rank()::world]
     for idx in tqdm(batches, desc=desc, disable=not progress, leave=False, mininterval=1):
         batch = {k: v.to(device, non_blocking=True)
                  for k, v in data.collate(idx).items() if k != "labels"}
@@ -162,10 +166,18 @@ def predict_logits(module: nn.Module, data: TrainData, batch_size: int, device: 
             logits = module(**batch)
         out.append((idx, logits.float()))
     module.train(was_training)
-    n_labels = out[0][1].shape[-1]
+    parts = [(idx, logits.cpu().numpy()) for idx, logits in out]  # one host copy per batch
+    if world > 1:
+        gathered: list = [None] * world
+        torch.distributed.all_gather_object(gathered, parts)
+        parts = [p for g in gathered for p in g]
+    n_labels = parts[0][1].shape[-1]
     result = np.zeros((len(data), n_labels), dtype=np.float32)
-    for idx, logits in out:  # one host copy per batch, after all work is queued
-        result[idx] = logits.cpu().numpy()
+    seen = np.zeros(len(data), dtype=np.int64)
+    for idx, logits in parts:
+        result[idx] = logits
+        seen[idx] += 1
+    assert (seen == 1).all(), "every evaluation row is scored exactly once"
     return result
 
 
@@ -183,10 +195,10 @@ def fit(module: nn.Module, train_data: TrainData, val_data: TrainData | None, ar
     """
     from tqdm.auto import tqdm
 
+    # --batch-size is rows per optimizer step over all processes: every process takes its
+    # share of each global batch, so N processes follow the single-process run's batches
     world, rank = accelerator.num_processes, accelerator.process_index
-    n_batches = -(-len(train_data) // args.batch_size)
-    if world > 1:
-        n_batches = max(1, n_batches // world)
+    n_batches = len(_global_batches(train_data, args, 0, world))
     steps_per_epoch = -(-n_batches // args.grad_accum)
     total = args.max_steps or steps_per_epoch * args.epochs
     epochs = args.epochs if args.max_steps is None else -(-total // steps_per_epoch)
@@ -209,6 +221,7 @@ def fit(module: nn.Module, train_data: TrainData, val_data: TrainData | None, ar
         state = load_checkpoint(run_dir, accelerator.unwrap_model(module), optimizer, schedule)
         log.info("resuming at epoch %d, batch %d (step %d)", state.epoch + 1,
                  state.batch_in_epoch, state.step)
+        _truncate_history(run_dir / "history.jsonl", state.step, rank)
 
     bar = tqdm(total=total, initial=state.step, desc="train", disable=not progress or rank != 0,
                mininterval=1, unit="step", dynamic_ncols=True)
@@ -218,88 +231,105 @@ def fit(module: nn.Module, train_data: TrainData, val_data: TrainData | None, ar
     running = torch.zeros((), device=accelerator.device)
     running_n = 0
     done = state.step >= total
-    for epoch in range(state.epoch, epochs):
-        if done:
-            break
-        batches = batch_indices(train_data.lengths, len(train_data), args.batch_size,
-                                shuffle=True, seed=args.seed + epoch)
-        batches = batches[rank::world][:n_batches]
-        start = state.batch_in_epoch if epoch == state.epoch else 0
-        for i in range(start, n_batches):
-            batch = {k: v.to(accelerator.device, non_blocking=True)
-                     for k, v in _collate(train_data, batches[i], pad_multiple).items()}
-            labels = batch.pop("labels")
-            group_start = (i // args.grad_accum) * args.grad_accum
-            group = min(args.grad_accum, n_batches - group_start)  # the last group may be short
-            last_in_group = i + 1 == group_start + group
-            sync = accelerator.no_sync(module) if not last_in_group and world > 1 \
-                else _nullcontext()
-            with sync, accelerator.autocast():
-                if module_returns_loss:
-                    loss = step_module(**batch, labels=labels)
-                else:
-                    loss = cross_entropy(step_module(**batch), labels, class_weights)
-            accelerator.backward(loss / group)
-            running += loss.detach()
-            running_n += 1
-            state.samples += len(labels) * world
-            state.batch_in_epoch = i + 1
-            if not last_in_group:
-                continue
-            if args.max_grad_norm:
-                accelerator.clip_grad_norm_(module.parameters(), args.max_grad_norm)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            bar.update(1)
-            if state.step % log_every == 0 or state.step == total:
-                # .item() syncs with the device: only when logging
-                loss_val = (running / max(1, running_n)).item()
-                running.zero_()
-                running_n = 0
-                elapsed = time.perf_counter() - t_start
-                rec = {"step": state.step, "epoch": epoch + (i + 1) / n_batches,
-                       "loss": round(loss_val, 5), "lr": schedule.get_last_lr()[0],
-                       "samples_per_second": round(state.samples / elapsed, 2)}
-                bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{rec['lr']:.2e}",
-                                sps=f"{rec['samples_per_second']:.1f}", refresh=False)
-                _append(history_path, rec, rank)
-            if args.save_every and state.step % args.save_every == 0:
-                state.train_seconds = time.perf_counter() - t_start
-                save_checkpoint(run_dir, accelerator, module, optimizer, schedule, state)
-            if state.step >= total:
-                done = True
+    safe = (state.epoch, state.batch_in_epoch)
+    try:
+        for epoch in range(state.epoch, epochs):
+            if done:
                 break
-        state.epoch, state.batch_in_epoch = epoch + 1, 0
-        state.train_seconds = time.perf_counter() - t_start
-        if val_data is not None:
-            logits = predict_logits(module, val_data, args.eval_batch_size, accelerator.device,
-                                    amp_dtype(accelerator))
-            m = evaluate(logits)
-            rec = {"epoch": epoch + 1, "step": state.step, "val_accuracy": m["accuracy"],
-                   "val_macro_f1": m["macro_f1"], "train_seconds": round(state.train_seconds, 2)}
-            state.history.append(rec)
-            _append(history_path, rec, rank)
-            log.info("epoch %d: val accuracy %.4f, macro-F1 %.4f", epoch + 1, m["accuracy"],
-                     m["macro_f1"])
-            if m["macro_f1"] > state.best_metric:
-                state.best_metric, state.best_epoch, state.bad_epochs = m["macro_f1"], epoch + 1, 0
-                if rank == 0:
-                    on_best()
+            batches = [b[rank::world] for b in _global_batches(train_data, args, epoch, world)]
+            start = state.batch_in_epoch if epoch == state.epoch else 0
+            for i in range(start, n_batches):
+                batch = {k: v.to(accelerator.device, non_blocking=True)
+                         for k, v in _collate(train_data, batches[i], pad_multiple).items()}
+                labels = batch.pop("labels")
+                group_start = (i // args.grad_accum) * args.grad_accum
+                group = min(args.grad_accum, n_batches - group_start)  # last group: short
+                last_in_group = i + 1 == group_start + group
+                sync = accelerator.no_sync(module) if not last_in_group and world > 1 \
+                    else _nullcontext()
+                with sync, accelerator.autocast():
+                    if module_returns_loss:
+                        loss = step_module(**batch, labels=labels)
+                    else:
+                        loss = cross_entropy(step_module(**batch), labels, class_weights)
+                accelerator.backward(loss / group)
+                running += loss.detach()
+                running_n += 1
+                state.samples += len(labels) * world  # equal shares (+-1 row)
+                state.batch_in_epoch = i + 1
+                if not last_in_group:
+                    continue
+                if args.max_grad_norm:
+                    accelerator.clip_grad_norm_(module.parameters(), args.max_grad_norm)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                bar.update(1)
+                if state.step % log_every == 0 or state.step == total:
+                    # .item() syncs with the device: only when logging
+                    loss_val = (running / max(1, running_n)).item()
+                    running.zero_()
+                    running_n = 0
+                    elapsed = time.perf_counter() - t_start
+                    rec = {"step": state.step, "epoch": epoch + (i + 1) / n_batches,
+                           "loss": round(loss_val, 5), "lr": schedule.get_last_lr()[0],
+                           "samples_per_second": round(state.samples / elapsed, 2)}
+                    bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{rec['lr']:.2e}",
+                                    sps=f"{rec['samples_per_second']:.1f}", refresh=False)
+                    _append(history_path, rec, rank)
+                if args.save_every and state.step % args.save_every == 0:
+                    state.train_seconds = time.perf_counter() - t_start
+                    save_checkpoint(run_dir, accelerator, module, optimizer, schedule, state)
+                if state.step >= total:
+                    done = True
+                    break
+            state.epoch, state.batch_in_epoch = epoch + 1, 0
+            state.train_seconds = time.perf_counter() - t_start
+            if val_data is not None:
+                logits = predict_logits(module, val_data, args.eval_batch_size, accelerator.device,
+                                        amp_dtype(accelerator))
+                m = evaluate(logits)
+                rec = {"epoch": epoch + 1, "step": state.step, "val_accuracy": m["accuracy"],
+                       "val_macro_f1": m["macro_f1"], "train_seconds": round(state.train_seconds, 2)}
+                state.history.append(rec)
+                _append(history_path, rec, rank)
+                log.info("epoch %d: val accuracy %.4f, macro-F1 %.4f", epoch + 1, m["accuracy"],
+                         m["macro_f1"])
+                if m["macro_f1"] > state.best_metric:
+                    state.best_metric, state.best_epoch, state.bad_epochs = m["macro_f1"], epoch + 1, 0
+                    on_best()  # every process keeps the best weights; only the main one saves
+                else:
+                    state.bad_epochs += 1
             else:
-                state.bad_epochs += 1
-        elif rank == 0:
-            on_best()  # no validation: the last epoch is the model
-            state.best_epoch = epoch + 1
+                on_best()  # no validation: the last epoch is the model
+                state.best_epoch = epoch + 1
+            save_checkpoint(run_dir, accelerator, module, optimizer, schedule, state)
+            t_start = time.perf_counter() - state.train_seconds  # exclude eval + checkpoint time
+            if args.patience and state.bad_epochs >= args.patience:
+                log.info("early stop: no macro-F1 gain for %d epochs", args.patience)
+                state.stopped_early = True
+                break
+    except KeyboardInterrupt:
+        # Ctrl-C / SIGINT: checkpoint at the last finished optimizer step, then stop cleanly
+        bar.close()
+        state.epoch, state.batch_in_epoch = safe
+        state.train_seconds = time.perf_counter() - t_start
         save_checkpoint(run_dir, accelerator, module, optimizer, schedule, state)
-        t_start = time.perf_counter() - state.train_seconds  # exclude eval + checkpoint time
-        if args.patience and state.bad_epochs >= args.patience:
-            log.info("early stop: no macro-F1 gain for %d epochs", args.patience)
-            state.stopped_early = True
-            break
+        log.warning("interrupted at step %d: checkpoint saved; continue with "
+                    "`textune train --resume %s`", state.step, run_dir)
+        raise
     bar.close()
     return state
+
+
+def _global_batches(data: TrainData, args: TrainArgs, epoch: int, world: int) -> list[list[int]]:
+    batches = batch_indices(data.lengths, len(data), args.batch_size, shuffle=True,
+                            seed=args.seed + epoch)
+    if world > 1 and len(batches) > 1 and len(batches[-1]) < world:
+        tail = batches.pop()  # too small to give every process a row: join the one before
+        batches[-1] = batches[-1] + tail
+    return batches
 
 
 def _collate(data: TrainData, idx: list[int], multiple: int) -> dict[str, torch.Tensor]:
@@ -314,6 +344,15 @@ class _nullcontext:
 
     def __exit__(self, *a):
         return False
+
+
+def _truncate_history(path: Path, step: int, rank: int) -> None:
+    """Drop log lines written after the checkpoint by the interrupted process."""
+    if rank != 0 or not path.exists():
+        return
+    keep = [x for x in path.read_text().splitlines() if x.strip()
+            and json.loads(x).get("step", 0) <= step]
+    path.write_text("".join(x + "\n" for x in keep))
 
 
 def _append(path: Path, rec: dict, rank: int) -> None:
@@ -344,13 +383,25 @@ def save_checkpoint(run_dir: Path, accelerator, module, optimizer, schedule,
     torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                 "rng": rng}, tmp / "optim.pt")
     (tmp / "state.json").write_text(json.dumps(asdict(state)))
-    (tmp / "COMPLETE").write_text("ok\n")
+    # checksums of every file: a truncated or altered checkpoint is named, never loaded
+    manifest = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+    (tmp / "COMPLETE").write_text(json.dumps(manifest, indent=1) + "\n")
     final, old = run_dir / CKPT, run_dir / f"{CKPT}.old"
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
     if old.exists():
         shutil.rmtree(old)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def load_checkpoint(run_dir: Path, model: nn.Module, optimizer, schedule) -> LoopState:
@@ -360,6 +411,19 @@ def load_checkpoint(run_dir: Path, model: nn.Module, optimizer, schedule) -> Loo
     if not (ckpt / "COMPLETE").exists():
         raise UserError(f"--resume {run_dir}: no complete checkpoint in it ({ckpt} is missing "
                         f"or partial); start a new run")
+    try:
+        manifest = json.loads((ckpt / "COMPLETE").read_text())
+    except ValueError:
+        manifest = None
+    if not isinstance(manifest, dict) or not manifest:
+        raise UserError(f"--resume {run_dir}: {ckpt / 'COMPLETE'} is unreadable; the checkpoint "
+                        f"is corrupt, start a new run")
+    for name, digest in manifest.items():
+        f = ckpt / name
+        if not f.exists() or _sha256(f) != digest:
+            raise UserError(f"--resume {run_dir}: checkpoint file {f} is "
+                            f"{'missing' if not f.exists() else 'corrupt (checksum mismatch)'}; "
+                            f"start a new run")
     try:
         trainable = load_file(str(ckpt / "trainable.safetensors"))
         extra = torch.load(ckpt / "optim.pt", weights_only=False)
