@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test test-fast bench-quick bench lint clean
+.PHONY: install demo test test-fast bench-quick bench bench-serve lint clean
 
 install: $(BIN)/.installed
 
@@ -37,6 +37,10 @@ bench-quick: install
 
 bench: install
 	$(BIN)/python bench/bench.py full
+
+# load test of `textune serve` on loopback (trains a small minilm-l6 run first)
+bench-serve: install
+	$(BIN)/python bench/serve_load.py
 
 lint: install
 	$(BIN)/ruff check src tests bench
