@@ -72,6 +72,26 @@ def test_token_cache_matches_the_corpus(corpus, cache_and_tok):
     assert (again.folder / "tokens.bin").stat().st_mtime_ns == mtime
 
 
+def test_token_cache_ignores_padding_and_truncation_in_tokenizer_json(corpus, tmp_path):
+    # sentence-transformers tokenizers ship tokenizer.json with fixed padding to 128: the
+    # cache must hold the sentences' own tokens, no [PAD], nothing cut
+    from transformers import AutoTokenizer
+
+    tok = train_wordpiece([corpus], 60, tmp_path / "tok")
+    tok.backend_tokenizer.enable_padding(length=32, pad_id=tok.pad_token_id,
+                                         pad_token=tok.pad_token)
+    tok.backend_tokenizer.enable_truncation(max_length=4)
+    tok.save_pretrained(tmp_path / "padded")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "padded")
+    assert tok.backend_tokenizer.padding is not None  # the trap is really there
+    cache = TokenCache.build([corpus], tok, tmp_path / "cache", wwm=False, progress=False)
+    assert tok.pad_token_id not in set(np.unique(cache.tokens).tolist())
+    first = next(iter(iter_documents([corpus])))[0]
+    a, b = cache.sentence(0)
+    assert b - a > 4 and tok.decode(cache.tokens[a:b].tolist()) == tok.decode(
+        tok(first, add_special_tokens=False, truncation=False, padding=False)["input_ids"])
+
+
 def test_mlm_masking_rules_and_proportions(cache_and_tok):
     cache, tok = cache_and_tok
     data = PretrainData(cache, tok, _Docs(range(cache.n_docs)), max_length=64, nsp=False,

@@ -237,7 +237,13 @@ class TokenCache:
         tmp.mkdir(parents=True)
         dtype = "uint16" if len(tokenizer) < 65535 else "int32"
         segmenter = _jieba() if wwm else None
-        backend = tokenizer.backend_tokenizer
+        # a copy without the padding/truncation some tokenizer.json files carry (the
+        # sentence-transformers ones pad every encoding to 128): sentences go in whole
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        backend.no_padding()
+        backend.no_truncation()
         n_tok = n_sent = n_doc = 0
         size = sum(f.stat().st_size for f in files)
         bar = tqdm(total=size, unit="B", unit_scale=True, desc="tokenize corpus",
@@ -309,7 +315,7 @@ def cache_key(files: list[Path], tokenizer, wwm: bool) -> str:
     vocab = tokenizer.get_vocab()
     h.update(json.dumps(sorted(vocab.items())[:50000], ensure_ascii=False).encode())
     h.update(f"{len(vocab)}:{tokenizer.backend_tokenizer.normalizer.__class__}".encode())
-    h.update(f"wwm={wwm}:jieba={_jieba() is not None if wwm else None}:v1".encode())
+    h.update(f"wwm={wwm}:jieba={_jieba() is not None if wwm else None}:v2".encode())
     return h.hexdigest()[:16]
 
 
