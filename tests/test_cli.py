@@ -81,6 +81,29 @@ def test_existing_output_is_never_overwritten(capsys, tmp_path, tiny_bert, toy_c
     assert (out / "precious.txt").read_text() == "keep me"
 
 
+def test_overwrite_spares_model_folders_and_clears_interrupted_runs(capsys, tmp_path,
+                                                                     tiny_bert, toy_csv):
+    import shutil
+
+    from textune.api import MARKER, prepare_out_dir
+
+    # a Hugging Face model folder (config.json, weights) is not a run: --overwrite refuses
+    model_copy = tmp_path / "my-model"
+    shutil.copytree(tiny_bert, model_copy)
+    before = sorted(p.name for p in model_copy.iterdir())
+    code, _, err = run_cli(capsys, "train", "--model", str(tiny_bert), "--data", str(toy_csv),
+                           "--out", str(model_copy), "--overwrite")
+    assert code == 2 and "not a textune run" in one_line_error(err)
+    assert sorted(p.name for p in model_copy.iterdir()) == before
+    # a run killed before it wrote anything but its marker and a log can be replaced
+    run = prepare_out_dir(tmp_path / "killed", False)
+    assert (run / MARKER).exists()
+    (run / "history.jsonl").write_text("{}\n")
+    assert prepare_out_dir(run, True) == run and not (run / "history.jsonl").exists()
+    # a folder holding only the marker counts as empty
+    assert prepare_out_dir(run, False) == run
+
+
 def test_train_eval_predict_roundtrip(capsys, tmp_path, tiny_bert, toy_csv):
     out = tmp_path / "run"
     code, stdout, _ = run_cli(capsys, "train", "--model", str(tiny_bert), "--data", str(toy_csv),

@@ -29,6 +29,16 @@ from .train import (CKPT, FeatureData, amp_dtype, build_accelerator, fit, predic
 log = logging.getLogger(__name__)
 
 
+MARKER = ".textune-run"  # written into every folder textune creates: --overwrite may clear it
+
+
+def is_textune_folder(p: Path) -> bool:
+    """A folder textune made (the marker; or, from before it, a run/pretrain layout)."""
+    return ((p / MARKER).exists() or (p / "pretrain_args.json").exists()
+            or ((p / "config.json").exists() and (p / "labels.json").exists())
+            or (p / "compare.json").exists())
+
+
 def prepare_out_dir(out: str | Path, overwrite: bool) -> Path:
     """Create the run folder; never clobber anything that is not a textune run."""
     if not str(out):
@@ -36,15 +46,16 @@ def prepare_out_dir(out: str | Path, overwrite: bool) -> Path:
     p = Path(out)
     if p.exists() and not p.is_dir():
         raise UserError(f"--out {p}: is a file; choose a folder")
-    if p.exists() and any(p.iterdir()):
+    if p.exists() and any(x.name != MARKER for x in p.iterdir()):
         if not overwrite:
             raise UserError(f"--out {p}: folder exists and is not empty; choose a new folder, "
                             f"pass --resume {p} to continue it, or --overwrite to replace it")
-        if not (p / "config.json").exists():
+        if not is_textune_folder(p):
             raise UserError(f"--out {p}: not a textune run folder, so --overwrite will not "
                             f"delete it; choose another folder")
         shutil.rmtree(p)
     p.mkdir(parents=True, exist_ok=True)
+    (p / MARKER).write_text("made by textune; `--overwrite` may delete this folder\n")
     return p
 
 

@@ -255,7 +255,9 @@ def _overwrite_compare(out: str) -> Path:
 
     p = Path(out)
     if p.exists() and any(p.iterdir()):
-        if not (p / "compare.json").exists():
+        from .api import is_textune_folder
+
+        if not is_textune_folder(p):
             raise UserError(f"--out {p}: not a textune compare folder, so --overwrite will not "
                             f"delete it; choose another folder")
         shutil.rmtree(p)
