@@ -63,8 +63,13 @@ def run_trainer(train: Path, test: Path, out: Path, bf16: bool = False) -> dict:
     """What a practitioner writes today: AutoModelForSequenceClassification + Trainer with
     dynamic padding (DataCollatorWithPadding), the same hyperparameters. ``bf16`` turns on
     Trainer's own bf16 autocast (off by default on CPU)."""
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer,
-                              DataCollatorWithPadding, Trainer, TrainingArguments)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
 
     from textune.data import read_table
     from textune.modeling import resolve_model

@@ -77,7 +77,7 @@ def bert_setup():
 
 
 def bert_trainer():
-    from transformers import (BertForSequenceClassification, Trainer, TrainingArguments)
+    from transformers import BertForSequenceClassification, Trainer, TrainingArguments
 
     cfg, seqs, labels, real = bert_setup()
     params = 109_483_778
@@ -320,8 +320,8 @@ def frozen_textune():
     t = time.perf_counter()
     feats = compute_features(model, data, rc, torch.device(DEV),
                              torch.bfloat16 if DEV == "cuda" else None, False)
-    from textune.train import build_accelerator, fit
     from textune.config import TrainArgs
+    from textune.train import build_accelerator, fit
 
     acc = build_accelerator("bf16" if DEV == "cuda" else "fp32")
     args = TrainArgs(epochs=5, batch_size=32, lr=1e-3, log_every=10**9)

@@ -3,8 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from textune.data import (Table, batch_indices, build_label_names, encode, read_table,
-                          split_indices)
+from textune.data import Table, batch_indices, build_label_names, encode, read_table, split_indices
 from textune.errors import UserError
 
 from .conftest import toy_rows, write_csv

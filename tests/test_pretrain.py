@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 
 from textune.cli import main
-from textune.pretrain import (PretrainData, TokenCache, _Docs, iter_documents, real_vocab_ids,
-                              split_sentences, train_wordpiece)
+from textune.pretrain import (
+    PretrainData,
+    TokenCache,
+    _Docs,
+    iter_documents,
+    real_vocab_ids,
+    split_sentences,
+    train_wordpiece,
+)
 
 EN = ("The film opens in a quiet town. Nobody expects much! The actors are very good. "
       "Is the plot any good? It is quite boring in the middle.")
@@ -34,7 +41,7 @@ def corpus(tmp_path):
     words = ["film", "plot", "actor", "scene", "story", "music", "town", "night", "quiet",
              "good", "bad", "long", "short", "very", "the", "a", "is", "was"]
     docs = []
-    for d in range(60):
+    for _ in range(60):
         sents = [" ".join(rng.choice(words, size=rng.integers(4, 12))).capitalize() + "."
                  for _ in range(rng.integers(3, 9))]
         docs.append(" ".join(sents))

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from textune.cli import main
-from textune.prompt import (PromptScorer, build_parts, calibrate, draw_demos,
-                            parse_verbalizers)
+from textune.prompt import PromptScorer, build_parts, calibrate, draw_demos, parse_verbalizers
 
 from .conftest import NEG, POS
 

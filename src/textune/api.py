@@ -17,14 +17,32 @@ import torch
 from . import __version__
 from .classifier import Classifier, build_model, load
 from .config import RunConfig
-from .data import (Encoded, Table, build_label_names, choose_max_length, encode, limit_indices,
-                   model_max_length, read_table, resolve_data, save_labels, split_indices)
+from .data import (
+    Encoded,
+    Table,
+    build_label_names,
+    choose_max_length,
+    encode,
+    limit_indices,
+    model_max_length,
+    read_table,
+    resolve_data,
+    save_labels,
+    split_indices,
+)
 from .errors import UserError
 from .metrics import classification_metrics
 from .modeling import count_params, load_tokenizer, resolve_model
 from .strategies import get_strategy
-from .train import (CKPT, FeatureData, amp_dtype, build_accelerator, fit, predict_logits,
-                    resolve_precision)
+from .train import (
+    CKPT,
+    FeatureData,
+    amp_dtype,
+    build_accelerator,
+    fit,
+    predict_logits,
+    resolve_precision,
+)
 
 log = logging.getLogger(__name__)
 

@@ -177,7 +177,6 @@ def list_archive(archive: Path, prefix: str) -> list[str]:
         with zipfile.ZipFile(archive) as z:
             return [n for n in z.namelist() if n.startswith(prefix) and not n.endswith("/")]
     with tarfile.open(archive) as t:
-        root = t.getnames()[0].split("/")[0]
         return [n.split("/", 1)[1] for n in t.getnames() if n.split("/", 1)[-1].startswith(prefix)]
 
 

@@ -17,9 +17,9 @@ import math
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -572,8 +572,13 @@ class PretrainModel(nn.Module):
 
 def build_model(a: PretrainArgs, tokenizer, src: str | None) -> tuple[nn.Module, list[str]]:
     """The model with its pretraining heads, and the names of heads that were initialised."""
-    from transformers import (AutoConfig, AutoModelForMaskedLM, BertConfig, BertForMaskedLM,
-                              BertForPreTraining)
+    from transformers import (
+        AutoConfig,
+        AutoModelForMaskedLM,
+        BertConfig,
+        BertForMaskedLM,
+        BertForPreTraining,
+    )
 
     nsp = a.objective == "mlm+nsp"
     if src is None:

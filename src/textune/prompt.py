@@ -28,7 +28,6 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -319,7 +318,14 @@ def load_causal_lm(spec: str, device: torch.device):
 
 
 def run_prompt(a: PromptArgs, *, progress: bool = True, overwrite: bool = False) -> dict:
-    from .api import _peak_memory_mb, _report, load_splits, prepare_out_dir, resolve_model_key, seed_everything
+    from .api import (
+        _peak_memory_mb,
+        _report,
+        load_splits,
+        prepare_out_dir,
+        resolve_model_key,
+        seed_everything,
+    )
     from .config import DataArgs, ModelArgs, RunConfig, TrainArgs
     from .data import limit_indices, save_labels
     from .metrics import classification_metrics
