@@ -91,3 +91,48 @@ def test_concurrent_requests_share_forward_passes(tmp_path):
     rs = asyncio.run(go())
     assert all(r.status_code == 200 and r.json()["labels"] == ["pos"] for r in rs)
     assert sum(clf.calls) == 20 and len(clf.calls) < 20  # batched together
+
+
+def test_shutdown_finishes_in_flight_requests(tmp_path):
+    # what SIGTERM/SIGINT do in uvicorn (should_exit) while a slow forward pass is running:
+    # the request still gets its answer, then the server stops
+    import socket
+    import time
+    import urllib.request
+
+    import uvicorn
+
+    class Slow(FakeClassifier):
+        def predict_proba(self, texts):
+            time.sleep(1.5)
+            return super().predict_proba(texts)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(Slow(), tmp_path, Limits())
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
+                                           timeout_graceful_shutdown=30))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(100):
+        if server.started:
+            break
+        time.sleep(0.05)
+    answer = {}
+
+    def ask():
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/predict",
+                                     data=json.dumps({"texts": ["pos text"]}).encode(),
+                                     headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=20) as r:
+            answer["status"], answer["body"] = r.status, json.loads(r.read())
+
+    client = threading.Thread(target=ask)
+    client.start()
+    time.sleep(0.5)  # the request is inside the forward pass now
+    server.should_exit = True
+    client.join(20)
+    thread.join(20)
+    assert answer.get("status") == 200 and answer["body"]["labels"] == ["pos"]
+    assert not thread.is_alive()
