@@ -60,6 +60,8 @@ def test_unknown_model_lists_catalog(capsys, tmp_path, toy_csv):
     code, _, err = run_cli(capsys, "train", "--model", "bad/hub/id/x", "--data", str(toy_csv),
                            "--out", str(tmp_path / "o"))
     assert code == 2 and "minilm-l6" in one_line_error(err)
+    code, _, err = run_cli(capsys, "plan", "--model", "bad/hub/id/x")
+    assert code == 2 and "minilm-l6" in one_line_error(err)
 
 
 def test_unknown_strategy(capsys, tmp_path, tiny_bert, toy_csv):
@@ -137,7 +139,7 @@ def test_real_process_exit_code(tmp_path):
 
 
 @pytest.mark.parametrize("flag,value", [("--epochs", "0"), ("--max-length", "2"),
-                                        ("--limit", "1")])
+                                        ("--limit", "1"), ("--num-processes", "0")])
 def test_bad_flag_values(capsys, tmp_path, toy_csv, flag, value):
     code, _, err = run_cli(capsys, "train", "--data", str(toy_csv), "--out", str(tmp_path / "o"),
                            flag, value)

@@ -152,6 +152,8 @@ def cmd_train(a) -> int:
     from .api import train
     from .config import RunConfig
 
+    if a.num_processes < 1:
+        raise UserError(f"--num-processes {a.num_processes}: must be 1 or more")
     if a.num_processes > 1 and not os.environ.get("TEXTUNE_LAUNCHED"):
         return launch_processes(a, a.num_processes)
     rank = int(os.environ.get("RANK", "0"))
@@ -349,7 +351,10 @@ def cmd_plan(a) -> int:
     try:
         mcfg = AutoConfig.from_pretrained(src)
     except OSError as e:
-        raise UserError(f"--model {a.model}: no config ({str(e).splitlines()[0]})") from None
+        from .modeling import model_not_found_hint
+
+        raise UserError(f"--model {a.model}: no config ({str(e).splitlines()[0]}); "
+                        f"{model_not_found_hint()}") from None
     with init_empty_weights():  # shapes only: no weights are read or allocated
         model = TextClassifier(AutoModel.from_config(mcfg), 2, cfg.model.pooling)
         model = get_strategy(cfg.strategy.name, **cfg.strategy.options()).setup(model)

@@ -77,6 +77,13 @@ def gguf_to_hf(gguf: Path, out: Path) -> Path:
     return out
 
 
+def model_not_found_hint() -> str:
+    from . import hub
+
+    return (f"catalog models: {', '.join(hub.catalog_names('model'))}; a hub id needs network "
+            f"access, or pass a local folder")
+
+
 def load_tokenizer(src: str):
     from transformers import AutoTokenizer
 
@@ -84,7 +91,7 @@ def load_tokenizer(src: str):
         tok = AutoTokenizer.from_pretrained(src)
     except OSError as e:
         raise UserError(f"--model {src}: could not load a tokenizer ({str(e).splitlines()[0]}); "
-                        f"a hub id needs network access, or pass a local folder") from None
+                        f"{model_not_found_hint()}") from None
     if tok.pad_token is None:
         # Reuse an existing token rather than growing the embedding matrix: the pad position is
         # masked out of attention and pooling, so which token it is does not matter.
