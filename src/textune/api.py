@@ -157,6 +157,7 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
     model = strategy.setup(model)
     if cfg.strategy.name == "lora":
         cfg.strategy.lora_targets = strategy.options["targets"]
+        cfg.strategy.lora_dropout = strategy.options["dropout"]
     from .modeling import is_decoder
 
     default = strategy.default_lr
