@@ -1,5 +1,7 @@
 """Causal LMs as classifiers, on a tiny random LLaMA built in the test."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -100,3 +102,81 @@ def test_gradient_checkpointing_gives_same_gradients(tiny_llama):
         m(ids, mask).sum().backward()
         grads.append(m.backbone.layers[0].mlp.down_proj.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def _write_tiny_gguf(path):
+    """A 2-layer random LLaMA with a byte-level BPE vocabulary, written as GGUF the way
+    llama.cpp's converter does (q/k rows permuted). Returns the original HF model."""
+    import gguf
+    import numpy as np
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tokens = ["<s>", "</s>", "<unk>"] + [chr(c) for c in range(97, 123)] + ["Ġ", "go", "od", "ba"]
+    cfg = LlamaConfig(vocab_size=len(tokens), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=128, bos_token_id=0, eos_token_id=1,
+                      rms_norm_eps=1e-5, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(128)
+    w.add_embedding_length(32)
+    w.add_block_count(2)
+    w.add_feed_forward_length(64)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(8)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3, 2] + [1] * (len(tokens) - 3))
+    w.add_token_merges(["g o", "o d", "b a"])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    w.add_unk_token_id(2)
+
+    def permute(x, n_head):
+        return x.reshape(n_head, 2, x.shape[0] // n_head // 2, *x.shape[1:]).swapaxes(1, 2) \
+            .reshape(x.shape)
+
+    sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    names = {"attn_norm": "input_layernorm", "attn_v": "self_attn.v_proj",
+             "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+             "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        w.add_tensor(f"blk.{i}.attn_q.weight", permute(sd[p + "self_attn.q_proj.weight"], 4))
+        w.add_tensor(f"blk.{i}.attn_k.weight", permute(sd[p + "self_attn.k_proj.weight"], 2))
+        for g, h in names.items():
+            w.add_tensor(f"blk.{i}.{g}.weight", sd[p + h + ".weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return model
+
+
+def test_gguf_converts_once_to_an_equivalent_hf_folder(tmp_path):
+    pytest.importorskip("gguf")
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from textune.modeling import resolve_model
+
+    original = _write_tiny_gguf(tmp_path / "tiny.gguf")
+    folder = Path(resolve_model(str(tmp_path / "tiny.gguf")))
+    assert folder == tmp_path / "tiny-hf" and (folder / ".complete").exists()
+    converted = LlamaForCausalLM.from_pretrained(folder).eval()
+    ids = torch.tensor([[0, 5, 9, 12, 3, 30, 31]])
+    with torch.no_grad():
+        torch.testing.assert_close(converted(ids).logits, original(ids).logits)
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tok.convert_ids_to_tokens(tok("go bad")["input_ids"]) == ["go", "Ġ", "ba", "d"]
+    # later runs use the cached folder: nothing is converted again
+    mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    assert Path(resolve_model(str(tmp_path / "tiny.gguf"))) == folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
