@@ -208,3 +208,27 @@ def test_pretrain_bad_input(tmp_path, capsys):
     code = main(["pretrain", "--corpus", str(tmp_path / "missing.txt"), "--init", "scratch",
                  "--out", str(tmp_path / "o")])
     assert code == 2 and "--corpus" in capsys.readouterr().err
+
+
+def test_masked_positions_only_head_equals_the_full_head_loss():
+    # the fast path projects only the masked positions (their count bucketed with ignored
+    # rows); its loss must equal HF's loss over the full vocabulary projection
+    import torch
+    from transformers import BertConfig, BertForPreTraining
+
+    from textune.pretrain import PretrainModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)
+    bert = BertForPreTraining(cfg).eval()
+    ids = torch.randint(5, 50, (3, 20))
+    mask = torch.ones_like(ids)
+    types = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    labels[0, 3], labels[1, 7], labels[1, 8], labels[2, 19] = 11, 12, 13, 14  # 4: bucket pads 60
+    nsl = torch.tensor([1, 0, 1])  # ours: 1 = B follows A
+    ours = PretrainModel(bert, nsp=True)(ids, mask, types, labels=labels, next_sentence_label=nsl)
+    hf = bert(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels,
+              next_sentence_label=1 - nsl).loss
+    torch.testing.assert_close(ours, hf)

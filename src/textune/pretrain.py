@@ -508,6 +508,9 @@ def _truncate_pair(a, aw, b, bw, budget):
 # the model: encoder + pretraining heads, loss only at the masked positions
 
 
+MASK_BUCKET = 64
+
+
 class PretrainModel(nn.Module):
     """Wraps ``BertForPreTraining`` / ``*ForMaskedLM``. For BERT the vocabulary projection runs
     only at the ~15% masked positions (not all of them); other models use their own forward."""
@@ -527,14 +530,23 @@ class PretrainModel(nn.Module):
         enc = self.model.bert(input_ids=input_ids, attention_mask=attention_mask,
                               token_type_ids=token_type_ids)
         seq = enc.last_hidden_state
-        sel = labels != -100
+        # the masked positions, their count rounded up to a multiple of 64 with ignored (-100)
+        # rows: a handful of head shapes instead of one per batch (oneDNN and the allocator
+        # cache per shape; unbucketed, resident memory kept growing over thousands of steps)
+        idx = (labels.reshape(-1) != -100).nonzero().squeeze(1)
+        n = idx.numel()
+        extra = -(-n // MASK_BUCKET) * MASK_BUCKET - n
+        tgt = labels.reshape(-1)[idx]
+        if extra:
+            idx = torch.cat([idx, idx.new_zeros(extra)])
+            tgt = torch.cat([tgt, tgt.new_full((extra,), -100)])
         heads = self.model.cls
         mlm_head = heads.predictions if hasattr(heads, "predictions") else heads
-        mlm_logits = mlm_head(seq[sel])
+        mlm_logits = mlm_head(seq.reshape(-1, seq.shape[-1])[idx])
         nsp_logits = None
         if self.nsp:
             nsp_logits = heads.seq_relationship(enc.pooler_output)
-        return mlm_logits, labels[sel], nsp_logits
+        return mlm_logits, tgt, nsp_logits
 
     def forward(self, input_ids, attention_mask, token_type_ids=None, labels=None,
                 next_sentence_label=None):
@@ -558,7 +570,7 @@ class PretrainModel(nn.Module):
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 mlm_logits, tgt, nsp_logits = self.heads(**batch)
             tot += float(nn.functional.cross_entropy(mlm_logits.float(), tgt, reduction="sum"))
-            n += len(tgt)
+            n += int((tgt != -100).sum())
             if self.nsp and nsl is not None:
                 nsp_ok += int(((1 - nsp_logits.argmax(-1)) == nsl).sum())
                 nsp_n += len(nsl)
