@@ -241,7 +241,7 @@ def cmd_compare(a) -> int:
 
     if not a.out:
         raise UserError("--out DIR is required: the folder for the table, chart and runs")
-    out = prepare_out_dir(a.out, False) if not a.overwrite else _overwrite_compare(a.out)
+    out = prepare_out_dir(a.out, a.overwrite)
     cfg = config_from_args(a, "full")
     if a.lr is not None:
         log.warning("--lr %g applies to every strategy; their defaults differ (frozen 1e-3, "
@@ -251,21 +251,6 @@ def cmd_compare(a) -> int:
     print((out / "compare.md").read_text())
     print(f"table: {out / 'compare.md'}  chart: {out / 'compare.png'}")
     return 0 if any(r["status"] == "ok" for r in rows) else 1
-
-
-def _overwrite_compare(out: str) -> Path:
-    import shutil
-
-    p = Path(out)
-    if p.exists() and any(p.iterdir()):
-        from .api import is_textune_folder
-
-        if not is_textune_folder(p):
-            raise UserError(f"--out {p}: not a textune compare folder, so --overwrite will not "
-                            f"delete it; choose another folder")
-        shutil.rmtree(p)
-    p.mkdir(parents=True, exist_ok=True)
-    return p
 
 
 def cmd_prompt(a) -> int:

@@ -319,6 +319,7 @@ def load_causal_lm(spec: str, device: torch.device):
 
 def run_prompt(a: PromptArgs, *, progress: bool = True, overwrite: bool = False) -> dict:
     from .api import (
+        _data_key,
         _peak_memory_mb,
         _report,
         load_splits,
@@ -338,7 +339,7 @@ def run_prompt(a: PromptArgs, *, progress: bool = True, overwrite: bool = False)
         raise UserError(f"--label-score {a.label_score}: choose sum or mean")
     if a.split not in ("test", "val"):
         raise UserError(f"--split {a.split}: choose test or val")
-    out = prepare_out_dir(a.out, overwrite) if overwrite else prepare_out_dir(a.out, False)
+    out = prepare_out_dir(a.out, overwrite)
     t0 = time.perf_counter()
     seed_everything(a.seed)
     cfg = RunConfig(DataArgs(a.data, val=a.val, test=a.test, text_col=a.text_col,
@@ -400,7 +401,7 @@ def run_prompt(a: PromptArgs, *, progress: bool = True, overwrite: bool = False)
         "splits": splits.split,
     })
     cfg_out = {"kind": "prompt", **asdict(a), "template": template, "model": resolve_model_key(a.model),
-               "data": _abs(a.data), "val": _abs(a.val), "test": _abs(a.test)}
+               "data": _data_key(a.data), "val": _data_key(a.val), "test": _data_key(a.test)}
     (out / "config.json").write_text(json.dumps(cfg_out, indent=2, ensure_ascii=False) + "\n")
     save_labels(names, out / "labels.json")
     with open(out / "predictions.csv", "w", newline="", encoding="utf-8") as f:
@@ -412,11 +413,3 @@ def run_prompt(a: PromptArgs, *, progress: bool = True, overwrite: bool = False)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     _report(out, metrics)
     return metrics
-
-
-def _abs(spec: str | None) -> str | None:
-    if spec is None:
-        return None
-    from .api import _data_key
-
-    return _data_key(spec)

@@ -25,6 +25,7 @@ from torch import nn
 from .config import TrainArgs
 from .data import batch_indices
 from .errors import UserError
+from .hub import sha256_of
 from .modeling import cross_entropy
 
 log = logging.getLogger(__name__)
@@ -384,7 +385,7 @@ def save_checkpoint(run_dir: Path, accelerator, module, optimizer, schedule,
                 "rng": rng}, tmp / "optim.pt")
     (tmp / "state.json").write_text(json.dumps(asdict(state)))
     # checksums of every file: a truncated or altered checkpoint is named, never loaded
-    manifest = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+    manifest = {f.name: sha256_of(f) for f in sorted(tmp.iterdir())}
     (tmp / "COMPLETE").write_text(json.dumps(manifest, indent=1) + "\n")
     final, old = run_dir / CKPT, run_dir / f"{CKPT}.old"
     if final.exists():
@@ -392,16 +393,6 @@ def save_checkpoint(run_dir: Path, accelerator, module, optimizer, schedule,
     os.replace(tmp, final)
     if old.exists():
         shutil.rmtree(old)
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_checkpoint(run_dir: Path, model: nn.Module, optimizer, schedule) -> LoopState:
@@ -420,7 +411,7 @@ def load_checkpoint(run_dir: Path, model: nn.Module, optimizer, schedule) -> Loo
                         f"is corrupt, start a new run")
     for name, digest in manifest.items():
         f = ckpt / name
-        if not f.exists() or _sha256(f) != digest:
+        if not f.exists() or sha256_of(f) != digest:
             raise UserError(f"--resume {run_dir}: checkpoint file {f} is "
                             f"{'missing' if not f.exists() else 'corrupt (checksum mismatch)'}; "
                             f"start a new run")
