@@ -45,21 +45,24 @@ def subset(n_train: int, n_test: int, tmp: Path) -> tuple[Path, Path, Path]:
     return tuple(paths)
 
 
-def run_textune(train: Path, val: Path, test: Path, out: Path, precision: str = "auto") -> dict:
+def run_textune(train: Path, val: Path, test: Path, out: Path, precision: str = "auto",
+                **over) -> dict:
     from textune.api import train as tt
     from textune.config import DataArgs, ModelArgs, RunConfig, StrategyArgs, TrainArgs
 
-    h = HYPER
+    h = {**HYPER, **over}
     cfg = RunConfig(DataArgs(str(train), val=str(val), test=str(test), max_length=h["max_length"]),
                     ModelArgs("minilm-l6"), StrategyArgs("full"),
                     TrainArgs(epochs=h["epochs"], batch_size=h["batch_size"], lr=h["lr"],
                               weight_decay=h["weight_decay"], warmup_ratio=h["warmup_ratio"],
-                              seed=h["seed"], precision=precision), str(out))
+                              seed=h["seed"], precision=precision,
+                              batch_tokens=h.get("batch_tokens", 0)), str(out))
     m = tt(cfg, progress=False)
-    return {"seconds": m["train_seconds"], "accuracy": m["accuracy"], "n": m["splits"]["train"]}
+    return {"seconds": m["train_seconds"], "accuracy": m["accuracy"], "n": m["splits"]["train"],
+            "steps": m["steps"]}
 
 
-def run_trainer(train: Path, test: Path, out: Path, bf16: bool = False) -> dict:
+def run_trainer(train: Path, test: Path, out: Path, bf16: bool = False, seed: int = 0) -> dict:
     """What a practitioner writes today: AutoModelForSequenceClassification + Trainer with
     dynamic padding (DataCollatorWithPadding), the same hyperparameters. ``bf16`` turns on
     Trainer's own bf16 autocast (off by default on CPU)."""
@@ -74,7 +77,7 @@ def run_trainer(train: Path, test: Path, out: Path, bf16: bool = False) -> dict:
     from textune.data import read_table
     from textune.modeling import resolve_model
 
-    h = HYPER
+    h = {**HYPER, "seed": seed}
     src = resolve_model("minilm-l6")
     tok = AutoTokenizer.from_pretrained(src)
     tr, te = read_table(train), read_table(test)
@@ -160,9 +163,53 @@ def quick(n_train: int = 3000, n_test: int = 1000) -> dict:
     return rows
 
 
+def batching(n_train: int = 8000, n_test: int = 1000, seeds: int = 3, epochs: int = 1) -> dict:
+    """Do token-budget batches (bigger, fewer steps) reach Trainer's accuracy? Trainer with
+    batches of 32 vs textune with 32 rows and with token budgets holding ~4x the rows (as the
+    GPU rows' 32k-token batches do on IMDB-length texts), at the same lr and at 2x (the square
+    root rule for 4x batches), over several seeds."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    from textune.data import read_table
+    from textune.modeling import resolve_model
+
+    global HYPER
+    HYPER = {**HYPER, "epochs": epochs}
+    tmp = Path(tempfile.mkdtemp(prefix="textune-batching-"))
+    train, val, test = subset(n_train, n_test, tmp)
+    tok = AutoTokenizer.from_pretrained(resolve_model("minilm-l6"))
+    lens = [min(len(x), HYPER["max_length"]) for x in tok(read_table(train).texts)["input_ids"]]
+    budget = int(4 * HYPER["batch_size"] * (-(-np.mean(lens) // 8) * 8))
+    runs = {"Trainer, 32 rows": lambda s: run_trainer(train, test, tmp / f"tr{s}", seed=s),
+            "textune, 32 rows": lambda s: run_textune(train, val, test, tmp / f"t{s}", seed=s),
+            f"textune, {budget}-token batches, lr 5e-5":
+                lambda s: run_textune(train, val, test, tmp / f"b{s}", seed=s,
+                                      batch_tokens=budget),
+            f"textune, {budget}-token batches, lr 1e-4":
+                lambda s: run_textune(train, val, test, tmp / f"c{s}", seed=s,
+                                      batch_tokens=budget, lr=1e-4)}
+    rows = {}
+    for name, fn in runs.items():
+        rs = [fn(s) for s in range(seeds)]
+        acc = [r["accuracy"] for r in rs]
+        rows[name] = {"accuracy_mean": float(np.mean(acc)), "accuracy_sd": float(np.std(acc)),
+                      "accuracies": acc, "seconds_mean": float(np.mean([r["seconds"] for r in rs])),
+                      "steps": rs[0].get("steps")}
+        print(json.dumps({name: rows[name]}), flush=True)
+    print(f"\nmachine: {machine()}, transformers {transformers.__version__}")
+    print(f"task: minilm-l6 full fine-tuning, rt-polarity {n_train} train / {n_test} test, "
+          f"{json.dumps(HYPER)}, seeds 0..{seeds - 1}")
+    print(f"{'run':<42} {'accuracy':>16} {'steps':>6} {'train s':>8}")
+    for k, r in rows.items():
+        print(f"{k:<42} {r['accuracy_mean']:.4f} +- {r['accuracy_sd']:.4f} "
+              f"{r['steps'] or '':>6} {r['seconds_mean']:>8.1f}")
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["quick", "full"], nargs="?", default="quick")
+    p.add_argument("mode", choices=["quick", "full", "batching"], nargs="?", default="quick")
     p.add_argument("--n-train", type=int, default=3000)
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -170,6 +217,9 @@ def main() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    if a.mode == "batching":
+        batching()
+        return
     quick(a.n_train)
     if a.mode == "full":
         if torch.cuda.is_available():

@@ -118,3 +118,22 @@ def test_batches_cover_everything_once_and_group_lengths():
 
     assert padding(grouped) < 0.2 * padding(rand)
     assert batch_indices(lengths, 1000, 32, shuffle=True, seed=1) == grouped  # deterministic
+
+
+def test_token_budget_batches_respect_the_budget_and_cover_every_row():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 500, size=2000)
+    for shuffle in (True, False):
+        b = batch_indices(lengths, 2000, 10**6, shuffle=shuffle, seed=3, max_tokens=4096)
+        assert sorted(i for x in b for i in x) == list(range(2000))
+        padded = [len(x) * (-(-int(max(lengths[x])) // 8) * 8) for x in b]
+        assert max(padded) <= 4096  # no row is longer than the budget here
+        # short rows share big batches, long rows small ones
+        sizes = {len(x): np.mean(lengths[x]) for x in b}
+        assert min(sizes) < 10 < max(sizes)
+        assert np.mean(padded) > 0.8 * 4096  # batches are nearly full
+    # a row longer than the budget still gets a batch of its own; the rows cap holds
+    b = batch_indices(np.array([900, 10, 10, 10]), 4, 2, shuffle=False, max_tokens=512)
+    assert b == [[0], [1, 2], [3]]
+    assert batch_indices(lengths, 2000, 32, shuffle=True, seed=3, max_tokens=4096) == \
+        batch_indices(lengths, 2000, 32, shuffle=True, seed=3, max_tokens=4096)

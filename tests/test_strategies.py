@@ -158,3 +158,42 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_bert, toy_csv, tmp
     a = textune.load(tmp_path / "ref").predict_proba(["good film", "dull plot"])
     b = textune.load(tmp_path / "run").predict_proba(["good film", "dull plot"])
     assert np.allclose(a, b, atol=1e-5)
+
+
+def test_token_budget_training_learns(tiny_bert, toy_csv, tmp_path):
+    """--batch-tokens: batches by tokens; the step count comes from each epoch's real batches."""
+    import json
+
+    out = tmp_path / "tok"
+    m = train(config(tiny_bert, toy_csv, out, "full", lr=1e-3, epochs=4, batch_tokens=256),
+              progress=False)
+    assert m["accuracy"] >= 0.9, m
+    hist = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
+    assert max(h["step"] for h in hist) == m["steps"]
+    rows = m["splits"]["train"]
+    # toy rows are ~10 tokens: 256-token batches hold ~20 rows, more than --batch-size 16
+    assert 4 * rows / 40 < m["steps"] < 4 * rows / 16
+
+
+def test_gpu_chunked_prediction_equals_one_pass(tiny_bert, toy_csv, tmp_path, monkeypatch):
+    """The GPU path (tokenize the next chunk while scoring this one) gives the same logits in
+    the same order as one pass; run here on CPU with small chunks."""
+    from textune import classifier
+
+    out = tmp_path / "r"
+    train(config(tiny_bert, toy_csv, out, "full", lr=1e-3, epochs=1), progress=False)
+    clf = textune.load(out, device="cpu")
+    texts = [("good film " * (i % 7)) + f"awful plot {i % 10}" for i in range(57)]
+    plain = clf.logits(texts)
+    calls = []
+    orig = classifier.predict_logits
+
+    def spy(model, enc, *a, **k):
+        calls.append(len(enc))
+        return orig(model, enc, *a, **k)
+
+    monkeypatch.setattr(classifier, "predict_logits", spy)
+    monkeypatch.setattr(clf, "CHUNK", 8)
+    chunked = clf._chunked_logits(texts, None, 64)
+    assert calls == [8] * 7 + [1]
+    assert np.allclose(chunked, plain, atol=1e-5)

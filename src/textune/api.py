@@ -367,21 +367,27 @@ def saved_bytes(run: Path) -> int:
 
 @torch.inference_mode()
 def compute_features(model, data: Encoded, cfg: RunConfig, device, amp, progress) -> FeatureData:
-    """Backbone features for every row, once: inference mode, length-sorted batches."""
+    """Backbone features for every row, once: inference mode, length-sorted batches (token
+    budgets on a GPU), written into one tensor that stays on the GPU unless it is huge."""
     from tqdm.auto import tqdm
 
-    from .data import batch_indices
+    from .train import inference_batches, to_device
 
     model.eval()
-    # on a GPU the cache stays there (no host copies per batch, per epoch) unless it is huge
     keep = device if device.type == "cuda" and len(data) * model.hidden_size * 4 < 2**31 \
         else torch.device("cpu")
-    feats = torch.zeros(len(data), model.hidden_size, device=keep)
-    batches = batch_indices(data.lengths, len(data), cfg.train.eval_batch_size, shuffle=False)
-    for idx in tqdm(batches, desc="features", disable=not progress, leave=False, mininterval=1):
-        b = {k: v.to(device) for k, v in data.collate(idx).items() if k != "labels"}
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            feats[torch.as_tensor(idx, device=keep)] = model.features(**b).float().to(keep)
+    batches = inference_batches(data, cfg.train.eval_batch_size, device)
+    parts = []
+    with torch.no_grad():  # (inference tensors could not be indexed for training later)
+        for idx in tqdm(batches, desc="features", disable=not progress, leave=False,
+                        mininterval=1):
+            b = to_device(data.collate(idx), device)
+            b.pop("labels", None)
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                parts.append(model.features(**b).float().to(keep))
+    order = torch.as_tensor(np.concatenate(batches), device=keep)
+    feats = torch.empty(len(data), model.hidden_size, device=keep)
+    feats[order] = torch.cat(parts)
     model.train()
     return FeatureData(feats, data.labels)
 

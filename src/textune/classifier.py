@@ -14,6 +14,7 @@ from .errors import UserError
 from .metrics import classification_metrics, softmax
 from .modeling import TextClassifier, load_backbone, load_tokenizer, resolve_model
 from .strategies import get_strategy
+from .train import predict_logits
 
 
 def weights_dtype(cfg: RunConfig, for_training: bool = True) -> torch.dtype:
@@ -41,6 +42,9 @@ def build_model(cfg: RunConfig, num_labels: int, base: str | None = None,
 class Classifier:
     """A trained text classifier with its tokenizer, labels and settings."""
 
+    CHUNK = 1024
+    """Texts tokenized per chunk when tokenization overlaps GPU scoring."""
+
     def __init__(self, model: TextClassifier, tokenizer, labels: list[str], config: RunConfig,
                  device: str | torch.device = "cpu"):
         self.model = model.eval().to(device)
@@ -55,22 +59,53 @@ class Classifier:
 
     def logits(self, texts: list[str], pairs: list[str] | None = None,
                batch_size: int = 64, progress: bool = False) -> np.ndarray:
-        from .train import native_bf16, predict_logits
-
         if isinstance(texts, str):
             raise UserError("predict() takes a list of texts; wrap a single text in a list")
         if len(texts) == 0:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
-        enc = self.encode(texts, pairs)
-        # the run's precision, where this device does it natively (so reloaded predictions match
-        # the metrics written at training time)
+        if self.device.type != "cuda" or len(texts) <= 2 * self.CHUNK:
+            return predict_logits(self.model, self.encode(texts, pairs), batch_size, self.device,
+                                  self._amp(), progress=progress, desc="predict")
+        return self._chunked_logits(texts, pairs, batch_size, progress)
+
+    def _amp(self) -> torch.dtype | None:
+        """The run's precision, where this device does it natively (so reloaded predictions
+        match the metrics written at training time)."""
+        from .train import native_bf16
+
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.train.precision)
         if amp is torch.bfloat16 and not native_bf16(self.device.type):
-            amp = None
+            return None
         if amp is torch.float16 and self.device.type != "cuda":
-            amp = None
-        return predict_logits(self.model, enc, batch_size, self.device, amp, progress=progress,
-                              desc="predict")
+            return None
+        return amp
+
+    def _chunked_logits(self, texts, pairs, batch_size, progress=False) -> np.ndarray:
+        """Texts in chunks, longest first by characters (close to tokens); a thread tokenizes
+        the next chunk while the device scores this one (the Rust tokenizer releases the GIL)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from tqdm.auto import tqdm
+
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        chunks = [order[i:i + self.CHUNK] for i in range(0, len(order), self.CHUNK)]
+
+        def encode(c):
+            return self.encode([texts[i] for i in c], None if pairs is None else
+                               [pairs[i] for i in c])
+
+        amp = self._amp()
+        out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
+        with ThreadPoolExecutor(1) as pool, tqdm(total=len(texts), desc="predict", leave=False,
+                                                 disable=not progress, mininterval=1) as bar:
+            nxt = pool.submit(encode, chunks[0])
+            for k, c in enumerate(chunks):
+                enc = nxt.result()
+                if k + 1 < len(chunks):
+                    nxt = pool.submit(encode, chunks[k + 1])
+                out[c] = predict_logits(self.model, enc, batch_size, self.device, amp)
+                bar.update(len(c))
+        return out
 
     def predict_proba(self, texts: list[str], pairs: list[str] | None = None,
                       batch_size: int = 64) -> np.ndarray:

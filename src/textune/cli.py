@@ -70,6 +70,9 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="rows per optimizer step, or auto: the largest that fits the device, "
                         "accumulating to 32 (or --batch-size-target)")
     g.add_argument("--batch-size-target", type=int, default=32)
+    g.add_argument("--batch-tokens", type=int, default=0,
+                   help="token-budget batches of up to N tokens (padding included) instead of "
+                        "--batch-size rows: bigger steps on short texts, fewer launches (GPU)")
     g.add_argument("--eval-batch-size", type=int, default=128)
     g.add_argument("--lr", type=float, help="peak learning rate (default per strategy)")
     g.add_argument("--weight-decay", type=float, default=0.01)

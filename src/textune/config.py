@@ -73,6 +73,9 @@ class TrainArgs:
     """Rows per optimizer step; 0 = auto: the largest per-step batch that fits the device, with
     gradient accumulation keeping ``batch_size_target`` rows per optimizer step."""
     batch_size_target: int = 32
+    batch_tokens: int = 0
+    """Token-budget batches: each holds up to N tokens (padding included) instead of
+    ``batch_size`` rows, so short texts share big batches and long ones small (0: off)."""
     eval_batch_size: int = 128
     lr: float | None = None
     """Peak learning rate; default depends on the strategy."""
@@ -113,6 +116,9 @@ class RunConfig:
             (not self.model.load_in_4bit or self.strategy.name == "lora",
              "--load-in-4bit is QLoRA: use it with --strategy lora"),
             (t.grad_accum >= 1, "--grad-accum must be >= 1"),
+            (t.batch_tokens == 0 or t.batch_tokens >= 64, "--batch-tokens must be >= 64"),
+            (t.batch_tokens == 0 or t.batch_size != 0,
+             "--batch-tokens and --batch-size auto exclude each other; pick one"),
             (self.strategy.lora_dropout is None or 0 <= self.strategy.lora_dropout < 1,
              "--lora-dropout must be in [0, 1)"),
             (self.strategy.lora_r >= 1, "--lora-r must be >= 1"),

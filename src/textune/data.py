@@ -346,24 +346,52 @@ def encode(tokenizer, table: Table, max_length: int, truncation: str = "head",
 
 
 def batch_indices(lengths: np.ndarray | None, n: int, batch_size: int, *, shuffle: bool,
-                  seed: int = 0, group: bool = True, pool: int = 64) -> list[list[int]]:
+                  seed: int = 0, group: bool = True, pool: int = 64, max_tokens: int | None = None,
+                  multiple: int = 8) -> list[list[int]]:
     """Batches of row indices.
 
     Training (``shuffle``): rows are shuffled, then sorted by length inside pools of
     ``pool * batch_size`` rows so that a batch holds similar lengths (little padding), and the
     batches are shuffled again. Inference: all rows sorted by length, longest first.
+
+    ``max_tokens``: token-budget batches. A batch takes rows (longest first) while its padded
+    size, rows x longest row rounded up to ``multiple``, stays within the budget, and at most
+    ``batch_size`` rows: short texts go in many-row batches, long ones in few, and every batch
+    costs about the same.
     """
+    if lengths is None:
+        max_tokens = None
     if not shuffle:
         order = np.argsort(-lengths, kind="stable") if lengths is not None else np.arange(n)
-        return [order[i:i + batch_size].tolist() for i in range(0, n, batch_size)]
+        return _cut(order, lengths, batch_size, max_tokens, multiple)
     rng = np.random.default_rng(seed)
     order = rng.permutation(n)
     if group and lengths is not None:
-        span = pool * batch_size
+        span = pool * batch_size if max_tokens is None else \
+            max(pool * 32, pool * max_tokens // max(1, int(lengths.mean())))
         order = np.concatenate([c[np.argsort(-lengths[c], kind="stable")]
                                 for c in np.array_split(order, max(1, -(-n // span)))])
-    batches = [order[i:i + batch_size].tolist() for i in range(0, n, batch_size)]
+    batches = _cut(order, lengths, batch_size, max_tokens, multiple)
     if group and lengths is not None:
         perm = rng.permutation(len(batches))
         batches = [batches[i] for i in perm]
     return batches
+
+
+def _cut(order: np.ndarray, lengths: np.ndarray | None, batch_size: int, max_tokens: int | None,
+         multiple: int) -> list[list[int]]:
+    if max_tokens is None:
+        return [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+    out, i, n = [], 0, len(order)
+    while i < n:
+        # rows arrive longest first within a sorted run; a batch's width is set by its first row
+        # unless a longer row follows (pool boundary), which the running maximum catches
+        width, j = 0, i
+        while j < n and j - i < batch_size:
+            w = max(width, -(-int(lengths[order[j]]) // multiple) * multiple)
+            if j > i and (j - i + 1) * w > max_tokens:
+                break
+            width, j = w, j + 1
+        out.append(order[i:j].tolist())
+        i = j
+    return out
