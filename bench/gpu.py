@@ -387,7 +387,28 @@ def infer_pipeline():
     report("inference transformers pipeline bf16 b32", secs, len(texts), 0)
 
 
-def infer_textune():
+def infer_textune_cudnn():
+    """infer_textune with cuDNN attention allowed (textune's default leaves it out)."""
+    os.environ["TEXTUNE_CUDNN_ATTENTION"] = "1"
+    try:
+        infer_textune(", cuDNN attention allowed")
+    finally:
+        del os.environ["TEXTUNE_CUDNN_ATTENTION"]
+
+
+def bert_textune_eager_attention(kind):
+    """Eager BERT training rows with SDPA restricted to the named backends (an experiment)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    sets = {"no_cudnn": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                         SDPBackend.MATH]}
+    with sdpa_kernel(sets[kind]):
+        print(f"SDPA backends: {kind}", flush=True)
+        bert_textune()
+        bert_textune(tokens=32768)
+
+
+def infer_textune(note=""):
     from transformers import BertModel
 
     from textune.classifier import Classifier
@@ -409,7 +430,7 @@ def infer_textune():
     t = time.perf_counter()
     clf.predict(texts)
     sync()
-    report("inference textune predict (token budget, tokenizing overlapped)",
+    report(f"inference textune predict (token budget, tokenizing overlapped{note})",
            time.perf_counter() - t, len(texts), int(enc.lengths.sum()),
            tokenize_alone_s=round(t_tok, 2))
 
@@ -446,6 +467,197 @@ def qlora():
         print(json.dumps(RESULTS[-1]), flush=True)
 
 
+# -------------------------------------------------------------------------------- diagnostics
+def diag():
+    """Where the host time goes: cores, thread settings, tokenization paths."""
+    from textune.data import tokenize
+
+    env = {k: os.environ.get(k) for k in ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS",
+                                          "OMP_NUM_THREADS")}
+    print(json.dumps({"cpu_count": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
+                      "torch_threads": torch.get_num_threads(), **env}), flush=True)
+    tok, _, texts = infer_setup()
+    t = time.perf_counter()
+    tok(texts, truncation=True, max_length=512, return_attention_mask=False)
+    t_hf = time.perf_counter() - t
+    t = time.perf_counter()
+    tokenize(tok, texts, None, 512)
+    report("tokenize 4096 texts: textune threads", time.perf_counter() - t, len(texts), 0,
+           hf_call_s=round(t_hf, 2))
+
+
+def features_profile():
+    """compute_features on the frozen row's data: token budgets, and the kernels' share."""
+    from transformers import BertModel
+
+    import textune.train as T
+    from textune.api import compute_features
+    from textune.config import RunConfig
+    from textune.modeling import TextClassifier
+
+    cfg, seqs, labels, real = bert_setup()
+    data = _encoded([s_[:250] for s_ in seqs], labels)
+    model = TextClassifier(BertModel(cfg).to(torch.bfloat16), 2, pooling="cls").to(DEV)
+    rc = RunConfig()
+    rc.train.eval_batch_size = 256
+    compute_features(model, data, rc, torch.device(DEV), torch.bfloat16, False)  # warm
+    for budget in (16384, 32768, 65536, 131072):
+        T.INFER_TOKENS = budget
+        sync()
+        t = time.perf_counter()
+        compute_features(model, data, rc, torch.device(DEV), torch.bfloat16, False)
+        sync()
+        report(f"features budget {budget}", time.perf_counter() - t, len(seqs), real,
+               2 * 109_483_778)
+    T.INFER_TOKENS = 32768
+    for amp in (torch.bfloat16, None):
+        sync()
+        t = time.perf_counter()
+        compute_features(model, data, rc, torch.device(DEV), amp, False)
+        sync()
+        report(f"features autocast {amp}", time.perf_counter() - t, len(seqs), real)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        compute_features(model, data, rc, torch.device(DEV), torch.bfloat16, False)
+        sync()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14), flush=True)
+
+
+def head_variants():
+    """5 epochs of an MLP head, batch 32, on 8,192 x 768 features: the shared loop vs a bare
+    loop vs one CUDA graph per step."""
+    from torch import nn
+
+    from textune.config import TrainArgs
+    from textune.modeling import ClassifierHead
+    from textune.train import FeatureData, build_accelerator, fit
+
+    n, h = 8192, 768
+    x = torch.randn(n, h, device=DEV)
+    y = torch.randint(0, 2, (n,), device=DEV)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = ClassifierHead(h, 2, "mlp", 0.1)
+
+        def forward(self, features=None, **_):
+            return self.head(features)
+
+    m = M().to(DEV)
+    acc = build_accelerator("bf16" if DEV == "cuda" else "fp32")
+    sync()
+    t = time.perf_counter()
+    fit(m, FeatureData(x, y.cpu().numpy()), None, TrainArgs(epochs=5, batch_size=32, lr=1e-3,
+        log_every=10**9), lr=1e-3, accelerator=acc, run_dir=Path(tempfile.mkdtemp()),
+        evaluate=lambda z: {}, on_best=lambda: None, progress=False)
+    sync()
+    report("head 5 epochs: shared loop (fit)", time.perf_counter() - t, 5 * n, 0)
+
+    m = M().to(DEV)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3, fused=DEV == "cuda")
+    params = list(m.parameters())
+    sync()
+    t = time.perf_counter()
+    for _ in range(5):
+        perm = torch.randperm(n, device=DEV)
+        for i in range(0, n, 32):
+            idx = perm[i:i + 32]
+            loss = nn.functional.cross_entropy(m(features=x[idx]).float(), y[idx])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    sync()
+    report("head 5 epochs: bare loop", time.perf_counter() - t, 5 * n, 0)
+
+    if DEV != "cuda":
+        return
+    m = M().to(DEV)
+    lr = torch.tensor(1e-3, device=DEV)
+    opt = torch.optim.AdamW(m.parameters(), lr=lr, fused=True, capturable=True)
+    params = list(m.parameters())
+    sx = torch.zeros(32, h, device=DEV)
+    sy = torch.zeros(32, dtype=torch.long, device=DEV)
+
+    def step():
+        loss = nn.functional.cross_entropy(m(features=sx).float(), sy)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        opt.step()
+        return loss
+
+    sync()
+    t = time.perf_counter()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            opt.zero_grad(set_to_none=False)
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=False)
+    with torch.cuda.graph(g):
+        opt.zero_grad(set_to_none=False)
+        static_loss = step()
+    capture = time.perf_counter() - t
+    for e in range(5):
+        perm = torch.randperm(n, device=DEV)
+        for i in range(0, n, 32):
+            idx = perm[i:i + 32]
+            torch.index_select(x, 0, idx, out=sx)
+            torch.index_select(y, 0, idx, out=sy)
+            lr.fill_(1e-3 * (1 - (e * n + i) / (5 * n)))
+            g.replay()
+    sync()
+    report("head 5 epochs: CUDA graph per step", time.perf_counter() - t, 5 * n, 0,
+           capture_s=round(capture, 3), last_loss=round(static_loss.item(), 4))
+
+
+def infer_profile():
+    """Where predict's time goes: tokenizing, scoring pre-tokenized texts, chunking, kernels."""
+    from transformers import BertModel
+
+    from textune.classifier import Classifier
+    from textune.config import RunConfig
+    from textune.modeling import TextClassifier
+    from textune.train import predict_logits
+
+    tok, _, texts = infer_setup()
+    cfg, *_ = bert_setup()
+    rc = RunConfig()
+    rc.data.max_length = 512
+    model = TextClassifier(BertModel(cfg).to(torch.bfloat16), 2, pooling="cls")
+    clf = Classifier(model, tok, ["a", "b"], rc, DEV)
+    clf.predict(texts)
+    t = time.perf_counter()
+    enc = clf.encode(texts)
+    t_enc = time.perf_counter() - t
+    for bs in (64, 256):
+        sync()
+        t = time.perf_counter()
+        predict_logits(clf.model, enc, bs, torch.device(DEV), None)
+        sync()
+        report(f"predict_logits pre-tokenized rows cap {8 * bs}", time.perf_counter() - t,
+               len(texts), int(enc.lengths.sum()), 2 * 109_483_778, encode_s=round(t_enc, 2))
+    for chunk in (1024, 10**9):
+        clf.CHUNK = chunk
+        sync()
+        t = time.perf_counter()
+        clf.predict(texts)
+        sync()
+        report(f"predict chunk {chunk}", time.perf_counter() - t, len(texts), 0)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        predict_logits(clf.model, enc, 64, torch.device(DEV), None)
+        sync()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8), flush=True)
+
+
 ROWS = {"bert_trainer": bert_trainer, "bert_textune": bert_textune,
         "bert_textune_compile": lambda: bert_textune(True),
         "bert_textune_tokens": lambda: bert_textune(tokens=32768),
@@ -454,7 +666,10 @@ ROWS = {"bert_trainer": bert_trainer, "bert_textune": bert_textune,
         "llama_textune": llama_textune, "llama_textune_gc": lambda: llama_textune(True),
         "llama_textune_compile": lambda: llama_textune(compile_=True),
         "frozen_classic": frozen_classic, "frozen_textune": frozen_textune,
-        "infer_pipeline": infer_pipeline, "infer_textune": infer_textune, "qlora": qlora}
+        "infer_pipeline": infer_pipeline, "infer_textune": infer_textune, "qlora": qlora,
+        "diag": diag, "features_profile": features_profile, "head_variants": head_variants,
+        "infer_profile": infer_profile, "infer_textune_cudnn": infer_textune_cudnn,
+        "bert_eager_no_cudnn": lambda: bert_textune_eager_attention("no_cudnn")}
 
 
 def main(rows=None):
@@ -465,7 +680,9 @@ def main(rows=None):
     print(f"device {torch.cuda.get_device_name() if DEV == 'cuda' else 'cpu'}, torch "
           f"{torch.__version__}, transformers {transformers.__version__}", flush=True)
     torch.backends.cuda.matmul.allow_tf32 = True
-    for name in rows or [r for r in ROWS if r not in ("qlora", "llama_textune_compile")]:
+    extra = ("qlora", "llama_textune_compile", "diag", "features_profile", "head_variants",
+             "infer_profile", "infer_textune_cudnn", "bert_eager_no_cudnn")
+    for name in rows or [r for r in ROWS if r not in extra]:
         try:
             ROWS[name]()
         except Exception as e:

@@ -137,3 +137,24 @@ def test_token_budget_batches_respect_the_budget_and_cover_every_row():
     assert b == [[0], [1, 2], [3]]
     assert batch_indices(lengths, 2000, 32, shuffle=True, seed=3, max_tokens=4096) == \
         batch_indices(lengths, 2000, 32, shuffle=True, seed=3, max_tokens=4096)
+
+
+def test_parallel_tokenization_equals_the_hugging_face_call(tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from textune import data
+
+    from .conftest import FILL, NEG, POS, make_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(make_tokenizer(tmp_path, POS + NEG + FILL))
+    rng = np.random.default_rng(0)
+    words = POS + NEG + FILL + ["unknownword"]
+    texts = [" ".join(rng.choice(words, rng.integers(1, 40))) for _ in range(700)]
+    pairs = texts[::-1]
+    monkeypatch.setattr(data, "PARALLEL_MIN", 10)
+    for p, cut in ((None, 16), (pairs, 24), (None, None)):
+        ids, types = data.tokenize(tok, texts, p, cut)
+        ref = tok(texts, p, truncation=cut is not None, max_length=cut)
+        assert ids == ref["input_ids"]
+        assert types == ref.get("token_type_ids")
+        assert any(len(x) == cut for x in ids) or cut is None

@@ -101,7 +101,8 @@ def test_backbone_stays_bit_identical(strategy, tiny_bert, toy_csv, tmp_path):
         key = n.replace("base_model.model.", "").replace(".base_layer", "").replace(".linear.", ".")
         after[key] = p.detach()
     assert before.keys() == after.keys()
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    # (on a GPU a frozen backbone is kept in bf16: equal to the bf16 cast of the original)
+    assert all(torch.equal(before[k].to(after[k]), after[k]) for k in before)
 
 
 def test_frozen_features_are_computed_once(tiny_bert, toy_csv, tmp_path, monkeypatch):
@@ -197,3 +198,34 @@ def test_gpu_chunked_prediction_equals_one_pass(tiny_bert, toy_csv, tmp_path, mo
     chunked = clf._chunked_logits(texts, None, 64)
     assert calls == [8] * 7 + [1]
     assert np.allclose(chunked, plain, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_head_steps_match_ordinary_steps(tiny_bert, toy_csv, tmp_path, monkeypatch):
+    """Frozen on a GPU replays one CUDA graph per full batch; the head it trains is the one the
+    ordinary step trains (no dropout, so both runs see the same arithmetic)."""
+    from safetensors.torch import load_file
+
+    from textune import train as T
+
+    built = []
+    orig = T.GraphedStep.build
+
+    def spy(*a, **k):
+        g = orig(*a, **k)
+        built.append(g)
+        return g
+
+    monkeypatch.setattr(T.GraphedStep, "build", spy)
+    heads = {}
+    for graphs in ("1", "0"):
+        monkeypatch.setenv("TEXTUNE_CUDA_GRAPHS", graphs)
+        cfg = config(tiny_bert, toy_csv, tmp_path / graphs, "frozen", lr=1e-2, epochs=3,
+                     batch_size=7)
+        cfg.model.head_dropout = 0.0
+        m = train(cfg, progress=False)
+        heads[graphs] = load_file(str(tmp_path / graphs / "head.safetensors"))
+    assert built[0] is not None and built[1] is None
+    for k in heads["1"]:
+        assert torch.allclose(heads["1"][k], heads["0"][k], atol=1e-4), k
+    assert m["accuracy"] > 0.5

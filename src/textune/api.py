@@ -371,19 +371,23 @@ def compute_features(model, data: Encoded, cfg: RunConfig, device, amp, progress
     budgets on a GPU), written into one tensor that stays on the GPU unless it is huge."""
     from tqdm.auto import tqdm
 
-    from .train import inference_batches, to_device
+    from .train import inference_batches, to_device, varied_shape_attention
 
     model.eval()
     keep = device if device.type == "cuda" and len(data) * model.hidden_size * 4 < 2**31 \
         else torch.device("cpu")
     batches = inference_batches(data, cfg.train.eval_batch_size, device)
+    if amp is not None and all(p.dtype == amp for p in model.backbone.parameters()
+                               if p.is_floating_point()):
+        amp = None  # bf16 weights already: autocast would only add dispatch time per op
     parts = []
     with torch.no_grad():  # (inference tensors could not be indexed for training later)
         for idx in tqdm(batches, desc="features", disable=not progress, leave=False,
                         mininterval=1):
             b = to_device(data.collate(idx), device)
             b.pop("labels", None)
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None), \
+                    varied_shape_attention(device):
                 parts.append(model.features(**b).float().to(keep))
     order = torch.as_tensor(np.concatenate(batches), device=keep)
     feats = torch.empty(len(data), model.hidden_size, device=keep)

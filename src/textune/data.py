@@ -314,6 +314,58 @@ def choose_max_length(tokenizer, table: Table, cap: int, sample: int = 2000, see
     return int(min(cap, max(8, -(-p99 // 8) * 8)))
 
 
+PARALLEL_MIN = 2048
+"""Tokenize in parallel threads from this many texts up."""
+
+
+def tokenize(tokenizer, texts: list[str], pairs: list[str] | None, max_length: int | None
+             ) -> tuple[list, list | None]:
+    """Token ids (and token type ids) of texts, truncated to ``max_length`` (None: not cut).
+
+    Many texts go straight to the Rust tokenizer in chunks on a thread pool (it releases the
+    GIL), skipping the per-text Python of the Hugging Face call: several times faster on a
+    many-core machine, also where ``TOKENIZERS_PARALLELISM=false`` turns its own threads off.
+    The result is checked against the Hugging Face call on the first rows; any difference and
+    the Hugging Face call does it all."""
+
+    def hf(t, p):
+        enc = tokenizer(t, p, truncation=max_length is not None, max_length=max_length,
+                        return_attention_mask=False)
+        return enc["input_ids"], enc.get("token_type_ids")
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or len(texts) < PARALLEL_MIN:
+        return hf(texts, pairs)
+    check = hf(texts[:16], None if pairs is None else pairs[:16])
+    # the state the Hugging Face call sets before it encodes (it resets it on every call)
+    backend.no_padding()
+    if max_length is None:
+        backend.no_truncation()
+    else:
+        backend.enable_truncation(max_length, strategy="longest_first",
+                                  direction=getattr(tokenizer, "truncation_side", "right"))
+    inputs = texts if pairs is None else list(zip(texts, pairs))
+    step = 256
+    chunks = [inputs[i:i + step] for i in range(0, len(inputs), step)]
+
+    def run(chunk):
+        encs = backend.encode_batch(chunk, add_special_tokens=True)
+        return [e.ids for e in encs], [e.type_ids for e in encs]
+
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    with ThreadPoolExecutor(max(1, min(8, cores or 1))) as pool:
+        parts = list(pool.map(run, chunks))
+    ids = [x for p in parts for x in p[0]]
+    types = [x for p in parts for x in p[1]]
+    if ids[:16] != check[0] or (check[1] is not None and types[:16] != check[1]):
+        log.debug("fast tokenization differs from the Hugging Face call: using the latter")
+        return hf(texts, pairs)
+    return ids, (types if check[1] is not None else None)
+
+
 def encode(tokenizer, table: Table, max_length: int, truncation: str = "head",
            label_names: list[str] | None = None) -> Encoded:
     """Tokenize a table. ``truncation='head-tail'`` keeps the first quarter and the last
@@ -321,16 +373,14 @@ def encode(tokenizer, table: Table, max_length: int, truncation: str = "head",
     if truncation not in ("head", "head-tail"):
         raise UserError(f"--truncation {truncation}: choose head or head-tail")
     if table.pairs is not None or truncation == "head":
-        enc = tokenizer(table.texts, table.pairs, truncation=True, max_length=max_length,
-                        return_attention_mask=False)
-        ids = enc["input_ids"]
+        ids, tt = tokenize(tokenizer, table.texts, table.pairs, max_length)
     else:
-        ids = tokenizer(table.texts, truncation=False, return_attention_mask=False)["input_ids"]
+        ids, _ = tokenize(tokenizer, table.texts, None, None)
         head = max_length // 4
         ids = [x if len(x) <= max_length else x[:head] + x[len(x) - (max_length - head):]
                for x in ids]
-        enc = {}
-    tt = enc.get("token_type_ids") if table.pairs is not None else None
+        tt = None
+    tt = tt if table.pairs is not None else None
     labels = None
     if table.labels is not None and label_names is not None:
         labels = encode_labels(table.labels, label_names, table.source)

@@ -167,6 +167,21 @@ def inference_batches(data: TrainData, batch_size: int, device: torch.device) ->
     return batch_indices(data.lengths, len(data), batch_size, shuffle=False)
 
 
+def varied_shape_attention(device: torch.device):
+    """Attention kernels for batches whose shapes keep changing (inference on length-sorted,
+    token-budget batches): on a GPU, SDPA's flash and memory-efficient kernels but not cuDNN's,
+    which builds an execution plan for every new shape (measured on an H100: predict on 4,096
+    new texts spent ~2 s of 3 s building plans). ``TEXTUNE_CUDNN_ATTENTION=1`` allows it."""
+    import contextlib
+
+    if device.type != "cuda" or os.environ.get("TEXTUNE_CUDNN_ATTENTION") == "1":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH])
+
+
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """Host tensors to ``device``; to a GPU through pinned memory, without blocking the host."""
     if device.type != "cuda":
@@ -193,7 +208,8 @@ def predict_logits(module: nn.Module, data: TrainData, batch_size: int, device: 
     for idx in tqdm(batches, desc=desc, disable=not progress, leave=False, mininterval=1):
         batch = to_device(data.collate(idx), device)
         batch.pop("labels", None)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None), \
+                varied_shape_attention(device):
             logits = module(**batch)
         out.append((idx, logits.float()))
     module.train(was_training)
@@ -274,6 +290,7 @@ def fit(module: nn.Module, train_data: TrainData, val_data: TrainData | None, ar
                mininterval=1, unit="step", dynamic_ncols=True)
     history_path = run_dir / "history.jsonl"
     module.train()
+    graph = GraphedStep.build(module, train_data, args, accelerator, clipped, class_weights)
     t_start = time.perf_counter() - state.train_seconds
     running = torch.zeros((), device=accelerator.device)
     running_n = 0
@@ -289,27 +306,32 @@ def fit(module: nn.Module, train_data: TrainData, val_data: TrainData | None, ar
                 batches = train_data.on_device(batches)
             start = state.batch_in_epoch if epoch == state.epoch else 0
             for i in range(start, n_batches):
-                batch = to_device(_collate(train_data, batches[i], pad_multiple),
-                                  accelerator.device)
-                labels = batch.pop("labels")
                 group_start = (i // args.grad_accum) * args.grad_accum
                 group = min(args.grad_accum, n_batches - group_start)  # last group: short
                 last_in_group = i + 1 == group_start + group
-                sync = accelerator.no_sync(module) if not last_in_group and world > 1 \
-                    else _nullcontext()
-                with sync, accelerator.autocast():
-                    if module_returns_loss:
-                        loss = step_module(**batch, labels=labels)
-                    else:
-                        loss = cross_entropy(step_module(**batch), labels, class_weights)
-                accelerator.backward(loss / group)
+                clip = bool(args.max_grad_norm)
+                if graph is not None and len(batches[i]) == graph.rows:
+                    loss = graph.step(batches[i])  # forward, backward, clipping: one replay
+                    clip = False
+                else:
+                    batch = to_device(_collate(train_data, batches[i], pad_multiple),
+                                      accelerator.device)
+                    labels = batch.pop("labels")
+                    sync = accelerator.no_sync(module) if not last_in_group and world > 1 \
+                        else _nullcontext()
+                    with sync, accelerator.autocast():
+                        if module_returns_loss:
+                            loss = step_module(**batch, labels=labels)
+                        else:
+                            loss = cross_entropy(step_module(**batch), labels, class_weights)
+                    accelerator.backward(loss / group)
                 running += loss.detach()
                 running_n += 1
-                state.samples += len(labels) * world  # equal shares (+-1 row)
+                state.samples += len(batches[i]) * world  # equal shares (+-1 row)
                 state.batch_in_epoch = i + 1
                 if not last_in_group:
                     continue
-                if args.max_grad_norm:
+                if clip:
                     # torch's own clip over a fixed list: Accelerate's wrapper costs ~0.5 ms of
                     # Python per step (package probes, module walks), more than a small head's
                     # whole step on a GPU; fp16 grads are unscaled first, as it does
@@ -318,7 +340,7 @@ def fit(module: nn.Module, train_data: TrainData, val_data: TrainData | None, ar
                     torch.nn.utils.clip_grad_norm_(clipped, args.max_grad_norm, foreach=True)
                 optimizer.step()
                 schedule.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=graph is None)  # a graph's grads stay put
                 state.step += 1
                 bar.update(1)
                 if state.step % log_every == 0 or state.step == total:
@@ -376,6 +398,68 @@ def fit(module: nn.Module, train_data: TrainData, val_data: TrainData | None, ar
         raise
     bar.close()
     return state
+
+
+class GraphedStep:
+    """Forward, backward and gradient clipping of one fixed-size batch of cached features,
+    captured once as a CUDA graph and replayed every step.
+
+    The frozen strategy's step is a small head on a batch of feature vectors: microseconds of
+    GPU work behind ~2 ms of Python launching ~60 kernels one by one. A replay launches them all
+    at once (measured on an H100: 5 epochs of an MLP head on 8,192 rows, 4.1 s -> 0.2 s). The
+    optimizer step stays outside (its learning rate changes every step); gradients live in
+    fixed buffers the graph zeroes and fills. A last, smaller batch runs the ordinary way."""
+
+    def __init__(self, module, data: FeatureData, rows: int, clipped, max_norm, weights):
+        self.rows, self.data = rows, data
+        dev = data.features.device
+        self.x = torch.zeros(rows, data.features.shape[1], device=dev)
+        self.y = torch.zeros(rows, dtype=torch.long, device=dev)
+
+        def body():
+            loss = cross_entropy(module(features=self.x), self.y, weights)
+            loss.backward()
+            if max_norm:
+                torch.nn.utils.clip_grad_norm_(clipped, max_norm, foreach=True)
+            return loss.detach()
+
+        side = torch.cuda.Stream()  # warm-up (cuBLAS workspaces, autograd) off the main stream
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                body()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            for p in clipped:
+                p.grad.zero_()
+            self.loss = body()
+        for p in clipped:  # warm-up gradients must not leak into the first real step
+            p.grad.zero_()
+
+    @classmethod
+    def build(cls, module, data, args: TrainArgs, accelerator, clipped, weights):
+        """A graph where it is safe and pays: cached features on a GPU, one process, no
+        accumulation, no fp16 loss scaling, no compilation; else None (the ordinary step)."""
+        ok = (isinstance(data, FeatureData) and data.features.device.type == "cuda"
+              and accelerator.num_processes == 1 and args.grad_accum == 1
+              and accelerator.scaler is None and not args.compile and len(data) >= args.batch_size
+              and os.environ.get("TEXTUNE_CUDA_GRAPHS", "1") != "0")
+        if not ok:
+            return None
+        try:
+            return cls(module, data, args.batch_size, clipped, args.max_grad_norm, weights)
+        except RuntimeError as e:  # capture unsupported here: the ordinary step still works
+            log.warning("CUDA graph capture failed (%s); training without it", str(e)[:200])
+            for p in clipped:
+                p.grad = None
+            return None
+
+    def step(self, idx: torch.Tensor) -> torch.Tensor:
+        torch.index_select(self.data.features, 0, idx, out=self.x)
+        torch.index_select(self.data._labels_t, 0, idx, out=self.y)
+        self.graph.replay()
+        return self.loss
 
 
 def compiled(module: nn.Module) -> nn.Module:
