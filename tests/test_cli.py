@@ -140,7 +140,7 @@ def test_real_process_exit_code(tmp_path):
 
 @pytest.mark.parametrize("flag,value", [("--epochs", "0"), ("--max-length", "2"),
                                         ("--limit", "1"), ("--num-processes", "0"),
-                                        ("--lora-dropout", "1.5")])
+                                        ("--lora-dropout", "1.5"), ("--batch-tokens", "10")])
 def test_bad_flag_values(capsys, tmp_path, toy_csv, flag, value):
     code, _, err = run_cli(capsys, "train", "--data", str(toy_csv), "--out", str(tmp_path / "o"),
                            flag, value)

@@ -174,6 +174,14 @@ def test_token_budget_training_learns(tiny_bert, toy_csv, tmp_path):
     rows = m["splits"]["train"]
     # toy rows are ~10 tokens: 256-token batches hold ~20 rows, more than --batch-size 16
     assert 4 * rows / 40 < m["steps"] < 4 * rows / 16
+    # the given --lr is kept; without one the default is scaled by sqrt(rows per step / 16)
+    assert textune.config.RunConfig.load(out / "config.json").train.lr == 1e-3
+    cfg = config(tiny_bert, toy_csv, tmp_path / "auto", "full", epochs=1, batch_tokens=256)
+    auto = train(cfg, progress=False)
+    lr = textune.config.RunConfig.load(tmp_path / "auto" / "config.json").train.lr
+    rows_per_step = auto["splits"]["train"] / auto["steps"]
+    default = get_strategy("full").default_lr
+    assert lr == pytest.approx(default * (rows_per_step / 16) ** 0.5, rel=0.15)
 
 
 def test_gpu_chunked_prediction_equals_one_pass(tiny_bert, toy_csv, tmp_path, monkeypatch):

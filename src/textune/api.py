@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -164,6 +165,18 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
     if strategy.default_lr_decoder and is_decoder(model.backbone.config):
         default = strategy.default_lr_decoder
     lr = cfg.train.lr or default
+    if cfg.train.batch_tokens and not cfg.train.lr:
+        # token budgets change the rows per step: scale the default learning rate by the square
+        # root of the ratio to --batch-size (measured on rt-polarity: 4x rows at 2x lr matched
+        # Trainer's accuracy with 32 rows, at the same lr it fell 2.7 points; docs/BENCHMARKS.md)
+        from .train import _global_batches
+
+        multiple = 64 if cfg.train.compile else cfg.train.pad_multiple
+        rows = len(enc["train"]) / len(_global_batches(enc["train"], cfg.train, 0, 1, multiple))
+        lr = default * math.sqrt(rows / cfg.train.batch_size)
+        log.info("--batch-tokens %d: ~%.0f rows per step; default lr %.2e scaled by "
+                 "sqrt(%.0f/%d) to %.2e (--lr sets it)", cfg.train.batch_tokens, rows, default,
+                 rows, cfg.train.batch_size, lr)
     cfg.train.lr = lr
     cfg.train.precision = resolve_precision(cfg.train.precision)
     accelerator = build_accelerator(cfg.train.precision)

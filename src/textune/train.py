@@ -168,10 +168,11 @@ def inference_batches(data: TrainData, batch_size: int, device: torch.device) ->
 
 
 def varied_shape_attention(device: torch.device):
-    """Attention kernels for batches whose shapes keep changing (inference on length-sorted,
-    token-budget batches): on a GPU, SDPA's flash and memory-efficient kernels but not cuDNN's,
-    which builds an execution plan for every new shape (measured on an H100: predict on 4,096
-    new texts spent ~2 s of 3 s building plans). ``TEXTUNE_CUDNN_ATTENTION=1`` allows it."""
+    """Attention kernels for batches whose shapes keep changing (length-grouped and token-budget
+    batches): on a GPU, SDPA's flash and memory-efficient kernels but not cuDNN's, which builds
+    an execution plan for every new shape. Measured on an H100 with BERT-base, same call: eager
+    training 87k -> 167k tokens/s (batches of 32) and 169k -> 345k (token budgets); predict on
+    4,096 new texts 4.6 s -> 4.2 s. ``TEXTUNE_CUDNN_ATTENTION=1`` allows it again."""
     import contextlib
 
     if device.type != "cuda" or os.environ.get("TEXTUNE_CUDNN_ATTENTION") == "1":
