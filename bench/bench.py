@@ -2,6 +2,8 @@
 
     python bench/bench.py quick   # CPU, minilm-l6 full fine-tuning on a fixed rt-polarity subset
     python bench/bench.py full    # quick + the GPU rows when CUDA is present (see bench/gpu.py)
+    python bench/bench.py batching  # accuracy: token-budget batches vs Trainer's 32 rows
+    python bench/bench.py infer   # CPU: textune predict vs a transformers pipeline
 
 Prints a table and, last, ``speedup_vs_trainer=X accuracy_textune=A accuracy_trainer=B``.
 """
@@ -207,9 +209,53 @@ def batching(n_train: int = 8000, n_test: int = 1000, seeds: int = 3, epochs: in
     return rows
 
 
+def infer(n: int = 4000) -> dict:
+    """CPU inference on real text: a transformers ``pipeline`` (batch 32, as its docs show) vs
+    ``textune`` predict, minilm-l6 with a 2-label head, the same rt-polarity sentences."""
+    import transformers
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    from textune.classifier import Classifier
+    from textune.config import RunConfig
+    from textune.data import read_table, resolve_data
+    from textune.modeling import TextClassifier, load_backbone, resolve_model
+
+    src = resolve_model("minilm-l6")
+    texts = read_table(resolve_data("rt-polarity")).texts[:n]
+    tok = AutoTokenizer.from_pretrained(src)
+    tok.backend_tokenizer.no_padding()  # (its tokenizer.json pads to 128; textune turns it off)
+    rows = {}
+    for name, dtype in (("pipeline fp32", torch.float32), ("pipeline bf16", torch.bfloat16)):
+        if dtype is torch.bfloat16 and not bf16_cpu():
+            continue
+        model = AutoModelForSequenceClassification.from_pretrained(src, num_labels=2, dtype=dtype)
+        pipe = pipeline("text-classification", model=model, tokenizer=tok, device=-1)
+        pipe(texts[:256], batch_size=32, truncation=True, max_length=128)
+        t = time.perf_counter()
+        pipe(texts, batch_size=32, truncation=True, max_length=128)
+        rows[name] = time.perf_counter() - t
+    rc = RunConfig()
+    rc.data.max_length = 128
+    rc.train.precision = "bf16" if bf16_cpu() else "fp32"  # what a run trained here saves
+    clf = Classifier(TextClassifier(load_backbone(src), 2), tok, ["a", "b"], rc, "cpu")
+    clf.predict(texts[:256])
+    t = time.perf_counter()
+    clf.predict(texts)
+    rows["textune predict"] = time.perf_counter() - t
+    print(f"\nmachine: {machine()}, transformers {transformers.__version__}")
+    print(f"task: minilm-l6 + 2-label head, {len(texts)} rt-polarity sentences, max length 128")
+    print(f"{'tool':<16} {'seconds':>8} {'texts/s':>8}")
+    for k, v in rows.items():
+        print(f"{k:<16} {v:>8.2f} {len(texts) / v:>8.1f}")
+    print(" ".join(f"speedup_vs_{k.replace(' ', '_')}={v / rows['textune predict']:.2f}"
+                   for k, v in rows.items() if k != "textune predict"))
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["quick", "full", "batching"], nargs="?", default="quick")
+    p.add_argument("mode", choices=["quick", "full", "batching", "infer"], nargs="?",
+                   default="quick")
     p.add_argument("--n-train", type=int, default=3000)
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -219,6 +265,9 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     if a.mode == "batching":
         batching()
+        return
+    if a.mode == "infer":
+        infer()
         return
     quick(a.n_train)
     if a.mode == "full":
