@@ -396,6 +396,16 @@ def infer_textune_cudnn():
         del os.environ["TEXTUNE_CUDNN_ATTENTION"]
 
 
+def infer_textune_pad64():
+    """infer_textune with inference batches padded to multiples of 64 (few shapes): the
+    experiment behind TEXTUNE_INFER_PAD, not yet measured on a GPU."""
+    os.environ["TEXTUNE_INFER_PAD"] = "64"
+    try:
+        infer_textune(", padded to 64")
+    finally:
+        del os.environ["TEXTUNE_INFER_PAD"]
+
+
 def bert_textune_eager_attention(kind):
     """Eager BERT training rows with SDPA restricted to the named backends (an experiment)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -669,6 +679,7 @@ ROWS = {"bert_trainer": bert_trainer, "bert_textune": bert_textune,
         "infer_pipeline": infer_pipeline, "infer_textune": infer_textune, "qlora": qlora,
         "diag": diag, "features_profile": features_profile, "head_variants": head_variants,
         "infer_profile": infer_profile, "infer_textune_cudnn": infer_textune_cudnn,
+        "infer_textune_pad64": infer_textune_pad64,
         "bert_eager_no_cudnn": lambda: bert_textune_eager_attention("no_cudnn")}
 
 
@@ -681,7 +692,8 @@ def main(rows=None):
           f"{torch.__version__}, transformers {transformers.__version__}", flush=True)
     torch.backends.cuda.matmul.allow_tf32 = True
     extra = ("qlora", "llama_textune_compile", "diag", "features_profile", "head_variants",
-             "infer_profile", "infer_textune_cudnn", "bert_eager_no_cudnn")
+             "infer_profile", "infer_textune_cudnn", "bert_eager_no_cudnn",
+             "infer_textune_pad64")
     for name in rows or [r for r in ROWS if r not in extra]:
         try:
             ROWS[name]()

@@ -158,3 +158,26 @@ def test_parallel_tokenization_equals_the_hugging_face_call(tmp_path, monkeypatc
         assert ids == ref["input_ids"]
         assert types == ref.get("token_type_ids")
         assert any(len(x) == cut for x in ids) or cut is None
+
+
+def test_gpu_inference_batches_use_token_budgets_and_few_shapes(monkeypatch):
+    """On a GPU (only the device type matters here), inference batches fill a token budget;
+    with TEXTUNE_INFER_PAD=64 every full batch has one of a few shapes."""
+    import torch
+
+    from textune.data import Encoded
+    from textune.train import INFER_TOKENS, inference_batches
+
+    rng = np.random.default_rng(0)
+    data = Encoded([np.ones(int(n), dtype=np.int64) for n in rng.integers(5, 512, 3000)], None,
+                   None, 0)
+    cpu = inference_batches(data, 64, torch.device("cpu"))
+    assert {len(b) for b in cpu[:-1]} == {64}
+    for pad, most in (("8", 70), ("64", 9)):
+        monkeypatch.setenv("TEXTUNE_INFER_PAD", pad)
+        gpu = inference_batches(data, 64, torch.device("cuda"))
+        assert sorted(i for b in gpu for i in b) == list(range(3000))
+        shapes = {(len(b), data.collate(b, int(pad))["input_ids"].shape[1]) for b in gpu}
+        assert len(shapes) <= most
+        assert all(r * w <= INFER_TOKENS for r, w in shapes)
+        assert max(len(b) for b in gpu) > 64  # short texts share big batches
