@@ -394,14 +394,12 @@ def compute_features(model, data: Encoded, cfg: RunConfig, device, amp, progress
                                if p.is_floating_point()):
         amp = None  # bf16 weights already: autocast would only add dispatch time per op
     parts = []
-    with torch.no_grad():  # (inference tensors could not be indexed for training later)
-        for idx in tqdm(batches, desc="features", disable=not progress, leave=False,
-                        mininterval=1):
-            b = to_device(data.collate(idx), device)
-            b.pop("labels", None)
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None), \
-                    varied_shape_attention(device):
-                parts.append(model.features(**b).float().to(keep))
+    for idx in tqdm(batches, desc="features", disable=not progress, leave=False, mininterval=1):
+        b = to_device(data.collate(idx), device)
+        b.pop("labels", None)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None), \
+                varied_shape_attention(device):
+            parts.append(model.features(**b).float().to(keep))
     order = torch.as_tensor(np.concatenate(batches), device=keep)
     feats = torch.empty(len(data), model.hidden_size, device=keep)
     feats[order] = torch.cat(parts)

@@ -323,10 +323,10 @@ def tokenize(tokenizer, texts: list[str], pairs: list[str] | None, max_length: i
     """Token ids (and token type ids) of texts, truncated to ``max_length`` (None: not cut).
 
     Many texts go straight to the Rust tokenizer in chunks on a thread pool (it releases the
-    GIL), skipping the per-text Python of the Hugging Face call: several times faster on a
-    many-core machine, also where ``TOKENIZERS_PARALLELISM=false`` turns its own threads off.
-    The result is checked against the Hugging Face call on the first rows; any difference and
-    the Hugging Face call does it all."""
+    GIL), skipping the per-text Python of the Hugging Face call and staying parallel where
+    ``TOKENIZERS_PARALLELISM=false`` turns the tokenizer's own threads off (measured, 4,096
+    long texts: 2.1 s vs 2.7 s on 2 cores, 0.52 s vs 0.57 s on 16). The result is checked
+    against the Hugging Face call on the first rows; any difference and that call does it all."""
 
     def hf(t, p):
         enc = tokenizer(t, p, truncation=max_length is not None, max_length=max_length,
