@@ -77,6 +77,10 @@ def test_plan_and_batch_size_auto(tiny_llama, toy_csv, tmp_path, capsys):
     out = capsys.readouterr().out
     for part in ("weights", "gradients", "optimizer", "activations", "total", "free now"):
         assert part in out
+    # a token budget is planned as its worth of full-length rows: 1024 / 64 = 16 rows
+    assert main(["plan", "--model", str(tiny_llama), "--strategy", "lora", "--batch-tokens",
+                 "1024", "--max-length", "64"]) == 0
+    assert "batch 16 x 64 tokens" in capsys.readouterr().out
     assert main(["train", "--model", str(tiny_llama), "--data", str(toy_csv), "--strategy",
                  "lora", "--batch-size", "auto", "--epochs", "1", "--out", str(tmp_path / "r"),
                  "--quiet"]) == 0

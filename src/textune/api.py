@@ -297,8 +297,7 @@ def memory_plan(model, cfg: RunConfig, accelerator, strategy: str):
     trainable, total = count_params(model)
     wbytes = next(model.backbone.parameters()).element_size()
     return estimate(model.backbone.config, total, trainable, strategy=strategy,
-                    batch_size=cfg.train.batch_size or cfg.train.batch_size_target,
-                    max_length=cfg.data.max_length or 512,
+                    batch_size=cfg.plan_rows(), max_length=cfg.data.max_length or 512,
                     precision=str(accelerator.mixed_precision), device=str(accelerator.device),
                     gradient_checkpointing=cfg.model.gradient_checkpointing,
                     weight_bytes=wbytes, load_in_4bit=cfg.model.load_in_4bit)

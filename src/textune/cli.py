@@ -72,7 +72,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size-target", type=int, default=32)
     g.add_argument("--batch-tokens", type=int, default=0,
                    help="token-budget batches of up to N tokens (padding included) instead of "
-                        "--batch-size rows: bigger steps on short texts, fewer launches (GPU)")
+                        "--batch-size rows (GPU speed); without --lr the default lr is scaled "
+                        "by sqrt(rows per step / --batch-size)")
     g.add_argument("--eval-batch-size", type=int, default=128)
     g.add_argument("--lr", type=float, help="peak learning rate (default per strategy)")
     g.add_argument("--weight-decay", type=float, default=0.01)
@@ -358,13 +359,13 @@ def cmd_plan(a) -> int:
         precision = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     wbytes = 2 if weights_dtype(cfg) == torch.bfloat16 else 4
     plan = estimate(mcfg, total, trainable, strategy=cfg.strategy.name,
-                    batch_size=cfg.train.batch_size or cfg.train.batch_size_target,
-                    max_length=cfg.data.max_length or 512, precision=precision, device=device,
+                    batch_size=cfg.plan_rows(), max_length=cfg.data.max_length or 512,
+                    precision=precision, device=device,
                     gradient_checkpointing=cfg.model.gradient_checkpointing, weight_bytes=wbytes,
                     load_in_4bit=cfg.model.load_in_4bit)
+    ckpt = ", gradient checkpointing" if cfg.model.gradient_checkpointing else ""
     print(f"{a.model}: {total:,} parameters, {trainable:,} train ({cfg.strategy.name}); batch "
-          f"{cfg.train.batch_size or cfg.train.batch_size_target} x {cfg.data.max_length or 512} "
-          f"tokens, {precision}{', gradient checkpointing' if cfg.model.gradient_checkpointing else ''}")
+          f"{cfg.plan_rows()} x {cfg.data.max_length or 512} tokens, {precision}{ckpt}")
     print("\n".join(plan.lines()))
     return 0
 

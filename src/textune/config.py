@@ -144,6 +144,14 @@ class RunConfig:
                 raise UserError(msg)
         return self
 
+    def plan_rows(self) -> int:
+        """Rows of the largest batch at full length, for the memory plan: with a token budget,
+        the budget's worth of longest rows (the most attention memory for those tokens)."""
+        t = self.train
+        if t.batch_tokens:
+            return max(1, t.batch_tokens // (self.data.max_length or 512))
+        return t.batch_size or t.batch_size_target
+
     def to_dict(self) -> dict:
         return asdict(self)
 
