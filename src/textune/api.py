@@ -171,8 +171,8 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
         # Trainer's accuracy with 32 rows, at the same lr it fell 2.7 points; docs/BENCHMARKS.md)
         from .train import _global_batches
 
-        multiple = 64 if cfg.train.compile else cfg.train.pad_multiple
-        rows = len(enc["train"]) / len(_global_batches(enc["train"], cfg.train, 0, 1, multiple))
+        batches = _global_batches(enc["train"], cfg.train, 0, 1, cfg.train.padding_multiple())
+        rows = len(enc["train"]) / len(batches)
         lr = default * math.sqrt(rows / cfg.train.batch_size)
         log.info("--batch-tokens %d: ~%.0f rows per step; default lr %.2e scaled by "
                  "sqrt(%.0f/%d) to %.2e (--lr sets it)", cfg.train.batch_tokens, rows, default,
@@ -381,9 +381,7 @@ def saved_bytes(run: Path) -> int:
 def compute_features(model, data: Encoded, cfg: RunConfig, device, amp, progress) -> FeatureData:
     """Backbone features for every row, once: inference mode, length-sorted batches (token
     budgets on a GPU), written into one tensor that stays on the GPU unless it is huge."""
-    from tqdm.auto import tqdm
-
-    from .train import inference_batches, to_device, varied_shape_attention
+    from .train import inference_batches, inference_outputs
 
     model.eval()
     keep = device if device.type == "cuda" and len(data) * model.hidden_size * 4 < 2**31 \
@@ -392,13 +390,8 @@ def compute_features(model, data: Encoded, cfg: RunConfig, device, amp, progress
     if amp is not None and all(p.dtype == amp for p in model.backbone.parameters()
                                if p.is_floating_point()):
         amp = None  # bf16 weights already: autocast would only add dispatch time per op
-    parts = []
-    for idx in tqdm(batches, desc="features", disable=not progress, leave=False, mininterval=1):
-        b = to_device(data.collate(idx), device)
-        b.pop("labels", None)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None), \
-                varied_shape_attention(device):
-            parts.append(model.features(**b).float().to(keep))
+    parts = [f.float().to(keep) for _, f in
+             inference_outputs(model.features, data, batches, device, amp, progress, "features")]
     order = torch.as_tensor(np.concatenate(batches), device=keep)
     feats = torch.empty(len(data), model.hidden_size, device=keep)
     feats[order] = torch.cat(parts)

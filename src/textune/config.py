@@ -97,6 +97,10 @@ class TrainArgs:
     log_every: int = 0
     """Log loss every N steps (0: about 100 points per run, at most every 20 steps)."""
 
+    def padding_multiple(self) -> int:
+        """Training batches are padded to a multiple of this: 64 when compiled (few shapes)."""
+        return 64 if self.compile else self.pad_multiple
+
 
 @dataclass
 class RunConfig:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -352,7 +353,6 @@ def tokenize(tokenizer, texts: list[str], pairs: list[str] | None, max_length: i
         encs = backend.encode_batch(chunk, add_special_tokens=True)
         return [e.ids for e in encs], [e.type_ids for e in encs]
 
-    import os
     from concurrent.futures import ThreadPoolExecutor
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -375,12 +375,11 @@ def encode(tokenizer, table: Table, max_length: int, truncation: str = "head",
     if table.pairs is not None or truncation == "head":
         ids, tt = tokenize(tokenizer, table.texts, table.pairs, max_length)
     else:
-        ids, _ = tokenize(tokenizer, table.texts, None, None)
+        ids, tt = tokenize(tokenizer, table.texts, None, None)
         head = max_length // 4
         ids = [x if len(x) <= max_length else x[:head] + x[len(x) - (max_length - head):]
                for x in ids]
-        tt = None
-    tt = tt if table.pairs is not None else None
+    tt = tt if table.pairs is not None else None  # type ids only matter for pairs
     labels = None
     if table.labels is not None and label_names is not None:
         labels = encode_labels(table.labels, label_names, table.source)

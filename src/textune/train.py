@@ -6,6 +6,7 @@ validation pass per epoch, best-checkpoint keeping, early stopping and resumable
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -182,8 +183,6 @@ def varied_shape_attention(device: torch.device):
     an execution plan for every new shape. Measured on an H100 with BERT-base, same call: eager
     training 87k -> 167k tokens/s (batches of 32) and 169k -> 345k (token budgets); predict on
     4,096 new texts 4.6 s -> 4.2 s. ``TEXTUNE_CUDNN_ATTENTION=1`` allows it again."""
-    import contextlib
-
     if device.type != "cuda" or os.environ.get("TEXTUNE_CUDNN_ATTENTION") == "1":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -200,29 +199,36 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
             for k, v in batch.items()}
 
 
-@torch.inference_mode()
-def predict_logits(module: nn.Module, data: TrainData, batch_size: int, device: torch.device,
-                   amp: torch.dtype | None = None, progress: bool = False,
-                   desc: str = "eval") -> np.ndarray:
-    """Logits for every row, in the data's order (batches sorted by length for speed)."""
+def inference_outputs(fn, data: TrainData, batches: list[list[int]], device: torch.device,
+                      amp: torch.dtype | None = None, progress: bool = False, desc: str = "eval"):
+    """``(rows, fn(**batch))`` for each batch: copied to ``device``, labels dropped, under the
+    run's autocast and the attention kernels for changing shapes. The inference loop that
+    evaluation, prediction and feature caching share (callers set inference mode)."""
     from tqdm.auto import tqdm
 
-    was_training = module.training
-    module.eval()
-    out: list[tuple[list[int], torch.Tensor]] = []
-    batches = inference_batches(data, batch_size, device)
-    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
-    world = torch.distributed.get_world_size() if dist else 1
-    if world > 1:  # each process scores its share of the batches; gathered below
-        batches = batches[torch.distributed.get_rank()::world]
     pad = inference_pad(device)
     for idx in tqdm(batches, desc=desc, disable=not progress, leave=False, mininterval=1):
         batch = to_device(_collate(data, idx, pad), device)
         batch.pop("labels", None)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None), \
                 varied_shape_attention(device):
-            logits = module(**batch)
-        out.append((idx, logits.float()))
+            yield idx, fn(**batch)
+
+
+@torch.inference_mode()
+def predict_logits(module: nn.Module, data: TrainData, batch_size: int, device: torch.device,
+                   amp: torch.dtype | None = None, progress: bool = False,
+                   desc: str = "eval") -> np.ndarray:
+    """Logits for every row, in the data's order (batches sorted by length for speed)."""
+    was_training = module.training
+    module.eval()
+    batches = inference_batches(data, batch_size, device)
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    world = torch.distributed.get_world_size() if dist else 1
+    if world > 1:  # each process scores its share of the batches; gathered below
+        batches = batches[torch.distributed.get_rank()::world]
+    out = [(idx, logits.float()) for idx, logits in
+           inference_outputs(module, data, batches, device, amp, progress, desc)]
     module.train(was_training)
     parts = [(idx, logits.cpu().numpy()) for idx, logits in out]  # one host copy per batch
     if world > 1:
@@ -256,7 +262,7 @@ def fit(module: nn.Module, train_data: TrainData, val_data: TrainData | None, ar
     # --batch-size is rows per optimizer step over all processes: every process takes its
     # share of each global batch, so N processes follow the single-process run's batches
     world, rank = accelerator.num_processes, accelerator.process_index
-    pad_multiple = 64 if args.compile else args.pad_multiple
+    pad_multiple = args.padding_multiple()
     plans: dict[int, list[list[int]]] = {}
 
     def epoch_batches(e: int) -> list[list[int]]:
@@ -304,7 +310,7 @@ def fit(module: nn.Module, train_data: TrainData, val_data: TrainData | None, ar
     # eager batches change shape all the time: keep cuDNN's per-shape attention plans out (H100
     # BERT-base: 1.9-2x the eager tokens/s); compiled graphs keep what they were measured with
     def attention():  # (a fresh context each step: sdpa_kernel's is single-use)
-        return varied_shape_attention(accelerator.device) if not args.compile else _nullcontext()
+        return varied_shape_attention(accelerator.device) if not args.compile else contextlib.nullcontext()
 
     graph = GraphedStep.build(module, train_data, args, accelerator, clipped, class_weights,
                               optimizer)
@@ -336,7 +342,7 @@ def fit(module: nn.Module, train_data: TrainData, val_data: TrainData | None, ar
                                       accelerator.device)
                     labels = batch.pop("labels")
                     sync = accelerator.no_sync(module) if not last_in_group and world > 1 \
-                        else _nullcontext()
+                        else contextlib.nullcontext()
                     with sync, accelerator.autocast(), attention():
                         if module_returns_loss:
                             loss = step_module(**batch, labels=labels)
@@ -537,14 +543,6 @@ def _collate(data: TrainData, idx: list[int], multiple: int) -> dict[str, torch.
     if data.lengths is None:  # cached features: nothing to pad
         return data.collate(idx)
     return data.collate(idx, multiple)  # type: ignore[call-arg]
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _truncate_history(path: Path, step: int, rank: int) -> None:
