@@ -181,3 +181,6 @@ def test_gpu_inference_batches_use_token_budgets_and_few_shapes(monkeypatch):
         assert len(shapes) <= most
         assert all(r * w <= INFER_TOKENS for r, w in shapes)
         assert max(len(b) for b in gpu) > 64  # short texts share big batches
+    monkeypatch.setenv("TEXTUNE_INFER_PAD", "sixty")
+    with pytest.raises(UserError, match="TEXTUNE_INFER_PAD"):
+        inference_batches(data, 64, torch.device("cuda"))

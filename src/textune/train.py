@@ -162,9 +162,12 @@ def inference_pad(device: torch.device) -> int:
     """Inference batches are padded to a multiple of this. ``TEXTUNE_INFER_PAD`` (GPU only)
     is an experiment not yet measured: 64 would leave ~8 batch shapes for any input (each new
     shape costs kernel selection and allocator growth) for ~13% more padded tokens."""
-    if device.type == "cuda":
-        return int(os.environ.get("TEXTUNE_INFER_PAD", "8"))
-    return 8
+    if device.type != "cuda":
+        return 8
+    value = os.environ.get("TEXTUNE_INFER_PAD", "8")
+    if not value.isdigit() or int(value) < 1:
+        raise UserError(f"TEXTUNE_INFER_PAD={value!r}: set a whole number >= 1 (8 or 64), or unset it")
+    return int(value)
 
 
 def inference_batches(data: TrainData, batch_size: int, device: torch.device) -> list[list[int]]:
