@@ -396,14 +396,99 @@ def infer_textune_cudnn():
         del os.environ["TEXTUNE_CUDNN_ATTENTION"]
 
 
-def infer_textune_pad64():
-    """infer_textune with inference batches padded to multiples of 64 (few shapes): the
-    experiment behind TEXTUNE_INFER_PAD, not yet measured on a GPU."""
-    os.environ["TEXTUNE_INFER_PAD"] = "64"
+def infer_textune_pad(multiple):
+    """infer_textune with inference widths rounded to multiples of ``multiple`` instead of the
+    default ladder (8: least padding, most shapes; 64: fewest shapes)."""
+    os.environ["TEXTUNE_INFER_PAD"] = str(multiple)
     try:
-        infer_textune(", padded to 64")
+        infer_textune(f", widths padded to {multiple}")
     finally:
         del os.environ["TEXTUNE_INFER_PAD"]
+
+
+def infer_shapes():
+    """The batch shapes GPU predict meets on the benchmark's texts (warm-up on the first 3,000,
+    then all 4,096, as infer_textune), for each width rounding: the real chunked code path with
+    a stand-in model that only records shapes, so it runs on any machine (no GPU needed)."""
+    from textune import train as train_mod
+    from textune.classifier import Classifier
+    from textune.config import RunConfig
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seen: list = []
+
+        def forward(self, input_ids, **_):
+            self.seen.append(tuple(input_ids.shape))
+            return torch.zeros(input_ids.shape[0], 2)
+
+    tok, _, texts = infer_setup()
+    rc = RunConfig()
+    rc.data.max_length = 512
+    real = sum(len(x) for x in tok(texts, truncation=True, max_length=512)["input_ids"])
+    gpu_batching = train_mod.gpu_batching
+    train_mod.gpu_batching = lambda device: True
+    try:
+        for pad in (None, "8", "64"):
+            if pad:
+                os.environ["TEXTUNE_INFER_PAD"] = pad
+            rec = Recorder()
+            clf = Classifier(rec, tok, ["a", "b"], rc, "cpu")
+            clf.CHUNK = Classifier.CHUNK
+            clf._chunked_logits(texts[:3000], None, 64)
+            warm, rec.seen = set(rec.seen), []
+            clf._chunked_logits(texts, None, 64)
+            print(json.dumps({"row": f"GPU predict shapes, widths {pad or 'ladder'}",
+                              "batches": len(rec.seen), "shapes": len(set(rec.seen)),
+                              "new_after_warm_up": len(set(rec.seen) - warm),
+                              "padded_over_real": round(sum(r * w for r, w in rec.seen) / real - 1, 3)}),
+                  flush=True)
+            os.environ.pop("TEXTUNE_INFER_PAD", None)
+    finally:
+        train_mod.gpu_batching = gpu_batching
+
+
+def infer_batch_times():
+    """Why new texts are slower than warm ones: each inference batch timed alone (synchronised)
+    the first time its shape is seen and again; the model has already run one other shape, so
+    a first-time cost here is per shape, not per process."""
+    from transformers import BertModel
+
+    from textune.data import Encoded
+    from textune.modeling import TextClassifier
+    from textune.train import inference_batches, inference_outputs, inference_pad
+
+    tok, _, texts = infer_setup()
+    cfg, *_ = bert_setup()
+    model = TextClassifier(BertModel(cfg).to(torch.bfloat16), 2, pooling="cls").to(DEV).eval()
+    ids = tok(texts, truncation=True, max_length=512)["input_ids"]
+    enc = Encoded([np.asarray(x, dtype=np.int64) for x in ids], None, None, tok.pad_token_id)
+    dev = torch.device(DEV)
+    batches = inference_batches(enc, 64, dev)
+    with torch.inference_mode():
+        list(inference_outputs(model, enc, [list(range(3))], dev, None, batch_size=64))
+        sync()
+        times = []
+        for _ in range(2):
+            row = []
+            for b in batches:
+                t = time.perf_counter()
+                for _, out in inference_outputs(model, enc, [b], dev, None, batch_size=64):
+                    out.float().cpu()
+                row.append(time.perf_counter() - t)
+            times.append(row)
+    pad = inference_pad(dev)
+    from textune.data import padded_width
+
+    shapes = [(len(b), padded_width(int(enc.lengths[b].max()), pad)) for b in batches]
+    worst = sorted(range(len(batches)), key=lambda i: times[1][i] - times[0][i])[:8]
+    print("slowest first-time batches (rows, width): first ms / again ms: " + ", ".join(
+        f"{shapes[i]}: {1e3 * times[0][i]:.0f}/{1e3 * times[1][i]:.0f}" for i in worst),
+        flush=True)
+    report("inference batches, first time each shape", sum(times[0]), len(texts), 0,
+           batches=len(batches), shapes=len(set(shapes)))
+    report("inference batches, same shapes again", sum(times[1]), len(texts), 0)
 
 
 def bert_textune_eager_attention(kind):
@@ -432,7 +517,11 @@ def infer_textune(note=""):
     model = TextClassifier(BertModel(cfg).to(torch.bfloat16 if DEV == "cuda" else torch.float32),
                            2, pooling="cls")
     clf = Classifier(model, tok, ["a", "b"], rc, DEV)
+    seen: list = []
+    clf.model.register_forward_pre_hook(
+        lambda m, a, k: seen.append(tuple(k["input_ids"].shape)), with_kwargs=True)
     clf.predict(texts[:3000])  # the same warm-up as the pipeline row gets: shapes seen once
+    warm, seen[:] = set(seen), []
     t = time.perf_counter()
     enc = clf.encode(texts)
     t_tok = time.perf_counter() - t
@@ -440,9 +529,11 @@ def infer_textune(note=""):
     t = time.perf_counter()
     clf.predict(texts)
     sync()
+    secs = time.perf_counter() - t
     report(f"inference textune predict (token budget, tokenizing overlapped{note})",
-           time.perf_counter() - t, len(texts), int(enc.lengths.sum()),
-           tokenize_alone_s=round(t_tok, 2))
+           secs, len(texts), int(enc.lengths.sum()), tokenize_alone_s=round(t_tok, 2),
+           batches=len(seen), shapes=len(set(seen)), new_shapes=len(set(seen) - warm),
+           padded_tokens=sum(r * w for r, w in seen))
 
 
 # ---------------------------------------------------------------------------------- QLoRA
@@ -679,7 +770,9 @@ ROWS = {"bert_trainer": bert_trainer, "bert_textune": bert_textune,
         "infer_pipeline": infer_pipeline, "infer_textune": infer_textune, "qlora": qlora,
         "diag": diag, "features_profile": features_profile, "head_variants": head_variants,
         "infer_profile": infer_profile, "infer_textune_cudnn": infer_textune_cudnn,
-        "infer_textune_pad64": infer_textune_pad64,
+        "infer_textune_pad8": lambda: infer_textune_pad(8),
+        "infer_textune_pad64": lambda: infer_textune_pad(64),
+        "infer_batch_times": infer_batch_times, "infer_shapes": infer_shapes,
         "bert_eager_no_cudnn": lambda: bert_textune_eager_attention("no_cudnn")}
 
 
@@ -693,7 +786,7 @@ def main(rows=None):
     torch.backends.cuda.matmul.allow_tf32 = True
     extra = ("qlora", "llama_textune_compile", "diag", "features_profile", "head_variants",
              "infer_profile", "infer_textune_cudnn", "bert_eager_no_cudnn",
-             "infer_textune_pad64")
+             "infer_textune_pad8", "infer_textune_pad64", "infer_batch_times", "infer_shapes")
     for name in rows or [r for r in ROWS if r not in extra]:
         try:
             ROWS[name]()

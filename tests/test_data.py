@@ -161,26 +161,50 @@ def test_parallel_tokenization_equals_the_hugging_face_call(tmp_path, monkeypatc
 
 
 def test_gpu_inference_batches_use_token_budgets_and_few_shapes(monkeypatch):
-    """On a GPU (only the device type matters here), inference batches fill a token budget;
-    with TEXTUNE_INFER_PAD=64 every full batch has one of a few shapes."""
+    """On a GPU (only the device type matters here), inference batches fill a token budget and
+    meet few shapes: the width ladder by default, multiples of TEXTUNE_INFER_PAD if set."""
     import torch
 
     from textune.data import Encoded
-    from textune.train import INFER_TOKENS, inference_batches
+    from textune.train import INFER_TOKENS, inference_batches, inference_pad
 
     rng = np.random.default_rng(0)
     data = Encoded([np.ones(int(n), dtype=np.int64) for n in rng.integers(5, 512, 3000)], None,
                    None, 0)
     cpu = inference_batches(data, 64, torch.device("cpu"))
     assert {len(b) for b in cpu[:-1]} == {64}
-    for pad, most in (("8", 70), ("64", 9)):
-        monkeypatch.setenv("TEXTUNE_INFER_PAD", pad)
+    for pad, most in ((None, 25), ("8", 70), ("64", 9)):
+        if pad is not None:
+            monkeypatch.setenv("TEXTUNE_INFER_PAD", pad)
         gpu = inference_batches(data, 64, torch.device("cuda"))
         assert sorted(i for b in gpu for i in b) == list(range(3000))
-        shapes = {(len(b), data.collate(b, int(pad))["input_ids"].shape[1]) for b in gpu}
+        multiple = inference_pad(torch.device("cuda"))
+        shapes = {(len(b), data.collate(b, multiple)["input_ids"].shape[1]) for b in gpu}
         assert len(shapes) <= most
         assert all(r * w <= INFER_TOKENS for r, w in shapes)
         assert max(len(b) for b in gpu) > 64  # short texts share big batches
     monkeypatch.setenv("TEXTUNE_INFER_PAD", "sixty")
     with pytest.raises(UserError, match="TEXTUNE_INFER_PAD"):
         inference_batches(data, 64, torch.device("cuda"))
+
+
+def test_width_ladder_pads_little_and_has_few_rungs():
+    from textune.data import LADDER, padded_width
+
+    widths = [padded_width(n, LADDER) for n in range(1, 4097)]
+    assert all(w >= n and (w == n or n > 64 and w < 1.25 * n or w - n < 8)
+               for n, w in zip(range(1, 4097), widths))
+    assert all(a <= b for a, b in zip(widths, widths[1:]))  # never shrinks as rows grow
+    assert len(set(widths[:512])) == 20 and len(set(widths)) == 32
+    assert [padded_width(n, LADDER) for n in (8, 9, 64, 65, 129, 300, 513)] == \
+        [8, 16, 64, 80, 160, 320, 640]
+    assert padded_width(65, 64) == 128 and padded_width(13, 8) == 16
+
+
+def test_short_gpu_batches_are_filled_to_a_power_of_two():
+    from textune.train import INFER_TOKENS, inference_rows
+
+    assert [inference_rows(n, 512, 64) for n in (1, 3, 5, 33, 64)] == [1, 4, 8, 64, 64]
+    assert inference_rows(300, 64, 64) == 512  # 8 x 64 rows of 64 tokens fill the budget
+    assert inference_rows(300, 64, 40) == 320  # never past a full batch's rows
+    assert inference_rows(2, INFER_TOKENS * 2, 64) == 2  # one huge row: as it is

@@ -185,16 +185,19 @@ def test_token_budget_training_learns(tiny_bert, toy_csv, tmp_path):
 
 
 def test_gpu_chunked_prediction_equals_one_pass(tiny_bert, toy_csv, tmp_path, monkeypatch):
-    """The GPU path (tokenize the next chunk while scoring this one) gives the same logits in
-    the same order as one pass; run here on CPU with small chunks."""
+    """The GPU path (tokenize the next chunk while scoring this one; a chunk's last batch waits
+    for the next; token budgets, ladder widths, short batches filled up to a power of two) gives
+    the logits of a plain pass in the same order; run here on CPU with small chunks."""
     from textune import classifier
+    from textune import train as train_mod
+    from textune.data import LADDER, padded_width
 
     out = tmp_path / "r"
     train(config(tiny_bert, toy_csv, out, "full", lr=1e-3, epochs=1), progress=False)
     clf = textune.load(out, device="cpu")
-    texts = [("good film " * (i % 7)) + f"awful plot {i % 10}" for i in range(57)]
+    texts = [("good film " * (i % 7)) + f"awful plot {i % 10}" for i in range(59)]
     plain = clf.logits(texts)
-    calls = []
+    calls, shapes = [], []
     orig = classifier.predict_logits
 
     def spy(model, enc, *a, **k):
@@ -203,9 +206,16 @@ def test_gpu_chunked_prediction_equals_one_pass(tiny_bert, toy_csv, tmp_path, mo
 
     monkeypatch.setattr(classifier, "predict_logits", spy)
     monkeypatch.setattr(clf, "CHUNK", 8)
-    chunked = clf._chunked_logits(texts, None, 64)
-    assert calls == [8] * 7 + [1]
+    monkeypatch.setattr(train_mod, "gpu_batching", lambda device: True)
+    clf.model.register_forward_pre_hook(
+        lambda m, a, k: shapes.append(tuple(k["input_ids"].shape)), with_kwargs=True)
+    chunked = clf._chunked_logits(texts, None, 1)  # GPU batches of up to 8 rows
     assert np.allclose(chunked, plain, atol=1e-5)
+    assert calls == [8] * 6 + [11]  # scored as chunks arrive, each chunk's last batch held
+    assert all(n in (1, 2, 4, 8) for n, _ in shapes)  # only the last batch was short
+    assert sum(n for n, _ in shapes) == 60  # ...and it was filled up (3 rows -> 4)
+    assert all(w == padded_width(w, LADDER) for _, w in shapes)
+    assert [n for n, _ in shapes].count(8) == len(shapes) - 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -391,7 +391,8 @@ def compute_features(model, data: Encoded, cfg: RunConfig, device, amp, progress
                                if p.is_floating_point()):
         amp = None  # bf16 weights already: autocast would only add dispatch time per op
     parts = [f.float().to(keep) for _, f in
-             inference_outputs(model.features, data, batches, device, amp, progress, "features")]
+             inference_outputs(model.features, data, batches, device, amp, progress, "features",
+                               cfg.train.eval_batch_size)]
     order = torch.as_tensor(np.concatenate(batches), device=keep)
     feats = torch.empty(len(data), model.hidden_size, device=keep)
     feats[order] = torch.cat(parts)

@@ -82,10 +82,14 @@ class Classifier:
 
     def _chunked_logits(self, texts, pairs, batch_size, progress=False) -> np.ndarray:
         """Texts in chunks, longest first by characters (close to tokens); a thread tokenizes
-        the next chunk while the device scores this one (the Rust tokenizer releases the GIL)."""
+        the next chunk while the device scores this one (the Rust tokenizer releases the GIL).
+        The rows of a chunk's last batch, short of a full one, wait for the next chunk, so only
+        the input's last batch has an odd shape."""
         from concurrent.futures import ThreadPoolExecutor
 
         from tqdm.auto import tqdm
+
+        from .train import inference_batches
 
         order = np.argsort([-len(t) for t in texts], kind="stable")
         chunks = [order[i:i + self.CHUNK] for i in range(0, len(order), self.CHUNK)]
@@ -96,6 +100,7 @@ class Classifier:
 
         amp = self._amp()
         out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
+        held, held_enc = np.zeros(0, dtype=np.int64), None
         with ThreadPoolExecutor(1) as pool, tqdm(total=len(texts), desc="predict", leave=False,
                                                  disable=not progress, mininterval=1) as bar:
             nxt = pool.submit(encode, chunks[0])
@@ -103,8 +108,17 @@ class Classifier:
                 enc = nxt.result()
                 if k + 1 < len(chunks):
                     nxt = pool.submit(encode, chunks[k + 1])
-                out[c] = predict_logits(self.model, enc, batch_size, self.device, amp)
-                bar.update(len(c))
+                rows, enc = np.concatenate([held, c]), enc if held_enc is None else \
+                    held_enc.join(enc)
+                keep = np.arange(len(rows))
+                if k + 1 < len(chunks):  # the last batch waits (the cut of the rest is the same)
+                    last = inference_batches(enc, batch_size, self.device)[-1]
+                    keep = np.setdiff1d(keep, last)
+                    held, held_enc = rows[last], enc.select(last)
+                if len(keep):  # (a chunk smaller than a batch waits whole)
+                    out[rows[keep]] = predict_logits(self.model, enc.select(keep), batch_size,
+                                                     self.device, amp)
+                bar.update(len(keep))
         return out
 
     def predict_proba(self, texts: list[str], pairs: list[str] | None = None,

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .data import padded_width
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -477,7 +478,7 @@ class PretrainData:
             ids, labels = self.mask_tokens(ex, np.random.default_rng((self.seed, int(i), 1)))
             rows.append((ids, labels, ex))
         width = max(len(r[0]) for r in rows)
-        width = min(-(-width // multiple) * multiple, max(width, self.max_length))
+        width = min(padded_width(width, multiple), max(width, self.max_length))
         B = len(rows)
         out = {"input_ids": torch.full((B, width), self.pad, dtype=torch.long),
                "attention_mask": torch.zeros((B, width), dtype=torch.long),

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import TrainArgs
-from .data import batch_indices
+from .data import LADDER, batch_indices, padded_width
 from .errors import UserError
 from .hub import sha256_of
 from .modeling import cross_entropy
@@ -158,15 +158,25 @@ INFER_TOKENS = 32768
 """GPU inference batches hold up to this many tokens (BERT-base forward: a few hundred MB)."""
 
 
+def gpu_batching(device: torch.device) -> bool:
+    """Whether inference batches are shaped for a GPU (token budgets, few shapes)."""
+    return device.type == "cuda"
+
+
 def inference_pad(device: torch.device) -> int:
-    """Inference batches are padded to a multiple of this. ``TEXTUNE_INFER_PAD`` (GPU only)
-    is an experiment not yet measured: 64 would leave ~8 batch shapes for any input (each new
-    shape costs kernel selection and allocator growth) for ~13% more padded tokens."""
-    if device.type != "cuda":
+    """How inference batch widths are rounded up (``data.padded_width``). On a GPU, the
+    geometric ``LADDER``: every new batch shape costs eager kernels a first-time price (kernel
+    selection, allocator growth; warm predict over 4,096 texts 0.84 s, the same texts in shapes
+    not seen before 3-5 s on an H100), so inputs should meet few shapes. ``TEXTUNE_INFER_PAD=N``
+    rounds to multiples of N instead (8 pads least, 64 gives fewest shapes)."""
+    if not gpu_batching(device):
         return 8
-    value = os.environ.get("TEXTUNE_INFER_PAD", "8")
+    value = os.environ.get("TEXTUNE_INFER_PAD")
+    if value is None:
+        return LADDER
     if not value.isdigit() or int(value) < 1:
-        raise UserError(f"TEXTUNE_INFER_PAD={value!r}: set a whole number >= 1 (8 or 64), or unset it")
+        raise UserError(f"TEXTUNE_INFER_PAD={value!r}: set a whole number >= 1 (8 or 64), or "
+                        "unset it (a geometric ladder of widths)")
     return int(value)
 
 
@@ -174,10 +184,18 @@ def inference_batches(data: TrainData, batch_size: int, device: torch.device) ->
     """Longest first. On a GPU, token-budget batches of up to ``INFER_TOKENS`` tokens and
     8 x ``batch_size`` rows: short texts share big batches, so the card is not left waiting
     on Python between small ones; on CPU, ``batch_size`` rows (bigger gains nothing there)."""
-    if device.type == "cuda" and data.lengths is not None:
+    if gpu_batching(device) and data.lengths is not None:
         return batch_indices(data.lengths, len(data), 8 * batch_size, shuffle=False,
                              max_tokens=INFER_TOKENS, multiple=inference_pad(device))
     return batch_indices(data.lengths, len(data), batch_size, shuffle=False)
+
+
+def inference_rows(rows: int, width: int, batch_size: int) -> int:
+    """Rows a GPU inference batch is scored as: a short batch (the last of an input) is filled
+    up to the next power of two, at most the rows of a full batch of its width, so that inputs
+    of any size (a server's requests) meet a bounded set of shapes."""
+    full = max(rows, min(8 * batch_size, INFER_TOKENS // width))
+    return min(1 << (rows - 1).bit_length(), full)
 
 
 def varied_shape_attention(device: torch.device):
@@ -203,19 +221,29 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 def inference_outputs(fn, data: TrainData, batches: list[list[int]], device: torch.device,
-                      amp: torch.dtype | None = None, progress: bool = False, desc: str = "eval"):
+                      amp: torch.dtype | None = None, progress: bool = False, desc: str = "eval",
+                      batch_size: int | None = None):
     """``(rows, fn(**batch))`` for each batch: copied to ``device``, labels dropped, under the
     run's autocast and the attention kernels for changing shapes. The inference loop that
-    evaluation, prediction and feature caching share (callers set inference mode)."""
+    evaluation, prediction and feature caching share (callers set inference mode). Given the
+    ``batch_size`` the batches were made with, GPU batches are filled up to ``inference_rows``
+    with copies of their first row, whose outputs are dropped."""
     from tqdm.auto import tqdm
 
     pad = inference_pad(device)
+    lengths = data.lengths
+    fill = batch_size is not None and lengths is not None and gpu_batching(device)
     for idx in tqdm(batches, desc=desc, disable=not progress, leave=False, mininterval=1):
-        batch = to_device(_collate(data, idx, pad), device)
+        rows = idx
+        if fill:
+            width = padded_width(int(lengths[idx].max()), pad)
+            rows = list(idx) + [idx[0]] * (inference_rows(len(idx), width, batch_size) - len(idx))
+        batch = to_device(_collate(data, rows, pad), device)
         batch.pop("labels", None)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None), \
                 varied_shape_attention(device):
-            yield idx, fn(**batch)
+            out = fn(**batch)
+        yield idx, out[:len(idx)] if len(rows) > len(idx) else out
 
 
 @torch.inference_mode()
@@ -231,7 +259,7 @@ def predict_logits(module: nn.Module, data: TrainData, batch_size: int, device: 
     if world > 1:  # each process scores its share of the batches; gathered below
         batches = batches[torch.distributed.get_rank()::world]
     out = [(idx, logits.float()) for idx, logits in
-           inference_outputs(module, data, batches, device, amp, progress, desc)]
+           inference_outputs(module, data, batches, device, amp, progress, desc, batch_size)]
     module.train(was_training)
     parts = [(idx, logits.cpu().numpy()) for idx, logits in out]  # one host copy per batch
     if world > 1:
