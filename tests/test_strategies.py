@@ -216,6 +216,12 @@ def test_gpu_chunked_prediction_equals_one_pass(tiny_bert, toy_csv, tmp_path, mo
     assert sum(n for n, _ in shapes) == 60  # ...and it was filled up (3 rows -> 4)
     assert all(w == padded_width(w, LADDER) for _, w in shapes)
     assert [n for n, _ in shapes].count(8) == len(shapes) - 1
+    pairs = [f"second text {i}" * (i % 3) for i in range(59)]  # token type ids travel too
+    monkeypatch.setattr(train_mod, "gpu_batching", lambda device: False)
+    plain_pairs = clf.logits(texts, pairs)
+    monkeypatch.setattr(train_mod, "gpu_batching", lambda device: True)
+    assert np.allclose(clf._chunked_logits(texts, pairs, 1), plain_pairs, atol=1e-5)
+    assert not np.allclose(plain_pairs, plain, atol=1e-3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
