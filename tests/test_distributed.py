@@ -99,9 +99,12 @@ def test_kill_mid_epoch_and_resume_matches_uninterrupted(tiny_bert, toy_csv, tmp
 
 def test_sigint_saves_a_checkpoint_and_exits_cleanly(tiny_bert, toy_csv, tmp_path):
     out = tmp_path / "int"
+    # a shell's background job inherits SIGINT ignored (and Python then keeps it ignored):
+    # give the child the default disposition so Ctrl-C means what it means in a terminal
     proc = subprocess.Popen([sys.executable, "-m", "textune.cli",
                              *_train_args(tiny_bert, toy_csv, out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_for_checkpoint(out, proc, min_step=20)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)

@@ -108,8 +108,9 @@ class Classifier:
                 enc = nxt.result()
                 if k + 1 < len(chunks):
                     nxt = pool.submit(encode, chunks[k + 1])
-                rows, enc = np.concatenate([held, c]), enc if held_enc is None else \
-                    held_enc.join(enc)
+                rows = np.concatenate([held, c])
+                if held_enc is not None:
+                    enc = held_enc.join(enc)
                 keep = np.arange(len(rows))
                 if k + 1 < len(chunks):  # the last batch waits (the cut of the rest is the same)
                     last = inference_batches(enc, batch_size, self.device)[-1]
