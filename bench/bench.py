@@ -4,6 +4,8 @@
     python bench/bench.py full    # quick + the GPU rows when CUDA is present (see bench/gpu.py)
     python bench/bench.py batching  # accuracy: token-budget batches vs Trainer's 32 rows
     python bench/bench.py infer   # CPU: textune predict vs a transformers pipeline
+    python bench/bench.py lora    # CPU: smollm2-135m LoRA, textune vs Trainer + PEFT
+    python bench/bench.py bare    # the quick row's floor: a bare PyTorch loop, same batches
 
 Prints a table and, last, ``speedup_vs_trainer=X accuracy_textune=A accuracy_trainer=B``.
 """
@@ -20,9 +22,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from textune.config import StrategyArgs
 
 HYPER = {"epochs": 1, "batch_size": 32, "lr": 5e-5, "weight_decay": 0.01, "warmup_ratio": 0.06,
          "max_length": 64, "seed": 0}
@@ -48,13 +54,13 @@ def subset(n_train: int, n_test: int, tmp: Path) -> tuple[Path, Path, Path]:
 
 
 def run_textune(train: Path, val: Path, test: Path, out: Path, precision: str = "auto",
-                **over) -> dict:
+                model: str = "minilm-l6", strategy: StrategyArgs | None = None, **over) -> dict:
     from textune.api import train as tt
     from textune.config import DataArgs, ModelArgs, RunConfig, StrategyArgs, TrainArgs
 
     h = {**HYPER, **over}
     cfg = RunConfig(DataArgs(str(train), val=str(val), test=str(test), max_length=h["max_length"]),
-                    ModelArgs("minilm-l6"), StrategyArgs("full"),
+                    ModelArgs(model), strategy or StrategyArgs("full"),
                     TrainArgs(epochs=h["epochs"], batch_size=h["batch_size"], lr=h["lr"],
                               weight_decay=h["weight_decay"], warmup_ratio=h["warmup_ratio"],
                               seed=h["seed"], precision=precision,
@@ -64,10 +70,12 @@ def run_textune(train: Path, val: Path, test: Path, out: Path, precision: str = 
             "steps": m["steps"]}
 
 
-def run_trainer(train: Path, test: Path, out: Path, bf16: bool = False, seed: int = 0) -> dict:
+def run_trainer(train: Path, test: Path, out: Path, bf16: bool = False, seed: int = 0,
+                model_name: str = "minilm-l6", lora: dict | None = None, **over) -> dict:
     """What a practitioner writes today: AutoModelForSequenceClassification + Trainer with
     dynamic padding (DataCollatorWithPadding), the same hyperparameters. ``bf16`` turns on
-    Trainer's own bf16 autocast (off by default on CPU)."""
+    Trainer's own bf16 autocast (off by default on CPU). ``lora``: LoraConfig arguments, the
+    model wrapped by PEFT's get_peft_model (task SEQ_CLS: the score head trains in full)."""
     from transformers import (
         AutoModelForSequenceClassification,
         AutoTokenizer,
@@ -79,9 +87,11 @@ def run_trainer(train: Path, test: Path, out: Path, bf16: bool = False, seed: in
     from textune.data import read_table
     from textune.modeling import resolve_model
 
-    h = {**HYPER, "seed": seed}
-    src = resolve_model("minilm-l6")
+    h = {**HYPER, "seed": seed, **over}
+    src = resolve_model(model_name)
     tok = AutoTokenizer.from_pretrained(src)
+    if tok.pad_token is None:  # decoders: pad with eos, as the PEFT / Trainer tutorials do
+        tok.pad_token = tok.eos_token
     tr, te = read_table(train), read_table(test)
     names = sorted(set(tr.labels))
 
@@ -94,12 +104,15 @@ def run_trainer(train: Path, test: Path, out: Path, bf16: bool = False, seed: in
             return len(self.y)
 
         def __getitem__(self, i):
-            return {"input_ids": self.enc["input_ids"][i],
-                    "attention_mask": self.enc["attention_mask"][i],
-                    "token_type_ids": self.enc["token_type_ids"][i], "labels": self.y[i]}
+            return {**{k: v[i] for k, v in self.enc.items()}, "labels": self.y[i]}
 
     torch.manual_seed(h["seed"])
     model = AutoModelForSequenceClassification.from_pretrained(src, num_labels=len(names))
+    model.config.pad_token_id = tok.pad_token_id
+    if lora is not None:
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, **lora))
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=h["batch_size"],
                              per_device_eval_batch_size=128, num_train_epochs=h["epochs"],
                              learning_rate=h["lr"], weight_decay=h["weight_decay"],
@@ -209,6 +222,80 @@ def batching(n_train: int = 8000, n_test: int = 1000, seeds: int = 3, epochs: in
     return rows
 
 
+def bare(n_train: int = 3000) -> dict:
+    """The floor for the quick benchmark's textune row: a bare PyTorch loop (no logging,
+    checkpoints or validation) on the same length-grouped batches, model, fused AdamW and
+    clipping, in fp32. If textune's train s is close to this, its loop adds nothing."""
+    from transformers import AutoTokenizer
+
+    from textune.data import batch_indices, encode, read_table
+    from textune.modeling import TextClassifier, load_backbone, resolve_model
+
+    tmp = Path(tempfile.mkdtemp(prefix="textune-bench-bare-"))
+    train, _, _ = subset(n_train, 1000, tmp)
+    src = resolve_model("minilm-l6")
+    table = read_table(train)
+    enc = encode(AutoTokenizer.from_pretrained(src), table, HYPER["max_length"],
+                 label_names=sorted(set(table.labels)))
+    torch.manual_seed(0)
+    model = TextClassifier(load_backbone(src), 2).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=HYPER["lr"], weight_decay=0.01, fused=True)
+    batches = batch_indices(enc.lengths, len(enc), HYPER["batch_size"], shuffle=True, seed=0)
+    params = list(model.parameters())
+    t = time.perf_counter()
+    for b in batches:
+        batch = enc.collate(b, 8)
+        y = batch.pop("labels")
+        torch.nn.functional.cross_entropy(model(**batch), y).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    secs = time.perf_counter() - t
+    print(f"bare PyTorch loop, {len(batches)} steps: {secs:.1f} s ({machine()})")
+    return {"seconds": secs}
+
+
+def lora(n_train: int = 1000, n_test: int = 1000) -> dict:
+    """Decoder LoRA on CPU: smollm2-135m (LLaMA architecture) on a fixed rt-polarity subset,
+    textune vs Trainer + PEFT, the same LoRA (r 8, alpha 16, no dropout, all seven attention and
+    MLP projections; the head trains in full) and hyperparameters (textune's decoder LoRA
+    defaults: lr 1e-3, batch 32, one epoch)."""
+    import transformers
+
+    from textune.config import StrategyArgs
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    over = {"lr": 1e-3}
+    tmp = Path(tempfile.mkdtemp(prefix="textune-bench-lora-"))
+    train, val, test = subset(n_train, n_test, tmp)
+    peft_cfg = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": targets,
+                "bias": "none"}
+    rows = {"trainer+peft": run_trainer(train, test, tmp / "trainer", model_name="smollm2-135m",
+                                        lora=peft_cfg, **over)}
+    rows["textune"] = run_textune(train, val, test, tmp / "textune", model="smollm2-135m",
+                                  strategy=StrategyArgs("lora", lora_r=8, lora_alpha=16,
+                                                        lora_dropout=0.0, lora_targets=targets),
+                                  **over)
+    if bf16_cpu():
+        rows["trainer+peft-bf16"] = run_trainer(train, test, tmp / "trainer-bf16", bf16=True,
+                                                model_name="smollm2-135m", lora=peft_cfg, **over)
+    anchor = rows["trainer+peft"]
+    print(f"\nmachine: {machine()}, transformers {transformers.__version__}")
+    print(f"task: smollm2-135m LoRA, rt-polarity {n_train} train / {n_test} test, "
+          f"{json.dumps({**HYPER, **over})}, {json.dumps(peft_cfg)}")
+    print(f"{'tool':<18} {'train s':>9} {'samples/s':>10} {'accuracy':>9}")
+    for k, r in rows.items():
+        print(f"{k:<18} {r['seconds']:>9.1f} {r['n'] / r['seconds']:>10.1f} {r['accuracy']:>9.4f}")
+    extra = ""
+    if "trainer+peft-bf16" in rows:
+        extra = (f" speedup_vs_trainer_peft_bf16="
+                 f"{rows['trainer+peft-bf16']['seconds'] / rows['textune']['seconds']:.2f}")
+    print(f"speedup_vs_trainer_peft={anchor['seconds'] / rows['textune']['seconds']:.2f} "
+          f"accuracy_textune={rows['textune']['accuracy']:.4f} "
+          f"accuracy_trainer_peft={anchor['accuracy']:.4f}{extra}")
+    return rows
+
+
 def infer(n: int = 4000) -> dict:
     """CPU inference on real text: a transformers ``pipeline`` (batch 32, as its docs show) vs
     ``textune`` predict, minilm-l6 with a 2-label head, the same rt-polarity sentences."""
@@ -254,7 +341,8 @@ def infer(n: int = 4000) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["quick", "full", "batching", "infer"], nargs="?",
+    p.add_argument("mode", choices=["quick", "full", "batching", "infer", "lora", "bare"],
+                   nargs="?",
                    default="quick")
     p.add_argument("--n-train", type=int, default=3000)
     a = p.parse_args()
@@ -268,6 +356,12 @@ def main() -> None:
         return
     if a.mode == "infer":
         infer()
+        return
+    if a.mode == "lora":
+        lora()
+        return
+    if a.mode == "bare":
+        bare()
         return
     quick(a.n_train)
     if a.mode == "full":

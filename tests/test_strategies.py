@@ -253,3 +253,42 @@ def test_cuda_graph_head_steps_match_ordinary_steps(tiny_bert, toy_csv, tmp_path
     for k in heads["1"]:
         assert torch.allclose(heads["1"][k], heads["0"][k], atol=1e-4), k
     assert m["accuracy"] > 0.5
+
+
+@pytest.mark.parametrize("which", ["tiny_bert", "tiny_llama"])
+def test_backbone_dropout_sets_every_dropout(which, request):
+    """--backbone-dropout 0: no dropout anywhere in the backbone, so two training-mode
+    forward passes agree exactly (with the model's own dropout they differ)."""
+    from textune.modeling import set_dropout
+
+    bb = load_backbone(str(request.getfixturevalue(which)))
+    if which == "tiny_llama":  # LLaMA's only dropout is attention's, 0 by default: give it one
+        for m in bb.modules():
+            if isinstance(getattr(m, "attention_dropout", None), float):
+                m.attention_dropout = 0.5
+    bb.train()
+    ids = torch.randint(5, 20, (4, 12))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        a, b = (bb(input_ids=ids, attention_mask=mask).last_hidden_state for _ in range(2))
+    assert not torch.allclose(a, b)
+    assert set_dropout(bb, 0.0) > 0
+    with torch.no_grad():
+        a, b = (bb(input_ids=ids, attention_mask=mask).last_hidden_state for _ in range(2))
+    assert torch.equal(a, b)
+
+
+def test_backbone_dropout_reaches_the_trained_model(tiny_bert, toy_csv, tmp_path, monkeypatch):
+    from textune import classifier
+    from textune.cli import main
+
+    calls = []
+    orig = classifier.set_dropout
+    monkeypatch.setattr(classifier, "set_dropout", lambda bb, p: calls.append(p) or orig(bb, p))
+    out = tmp_path / "d"
+    assert main(["train", "--model", str(tiny_bert), "--data", str(toy_csv), "--epochs", "1",
+                 "--backbone-dropout", "0", "--out", str(out), "--quiet"]) == 0
+    cfg = textune.config.RunConfig.load(out / "config.json")
+    assert cfg.model.backbone_dropout == 0.0 and calls == [0.0]  # set once, for training
+    assert main(["train", "--model", str(tiny_bert), "--data", str(toy_csv),
+                 "--backbone-dropout", "1.5", "--out", str(tmp_path / "e")]) == 2

@@ -12,7 +12,7 @@ from .config import RunConfig
 from .data import Encoded, Table, encode
 from .errors import UserError
 from .metrics import classification_metrics, softmax
-from .modeling import TextClassifier, load_backbone, load_tokenizer, resolve_model
+from .modeling import TextClassifier, load_backbone, load_tokenizer, resolve_model, set_dropout
 from .strategies import get_strategy
 from .train import predict_logits
 
@@ -34,6 +34,8 @@ def build_model(cfg: RunConfig, num_labels: int, base: str | None = None,
     m = cfg.model
     backbone = load_backbone(src, weights_dtype(cfg, for_training), m.load_in_4bit and for_training,
                              m.gradient_checkpointing and for_training)
+    if m.backbone_dropout is not None and for_training:
+        set_dropout(backbone, m.backbone_dropout)
     model = TextClassifier(backbone, num_labels, m.pooling, m.head, m.head_dropout)
     model.head.float()  # the head always trains in fp32
     return model

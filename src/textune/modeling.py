@@ -151,6 +151,26 @@ def load_backbone(src: str, dtype: torch.dtype | None = None, load_in_4bit: bool
     return model
 
 
+def set_dropout(backbone: nn.Module, p: float) -> int:
+    """Every dropout of ``backbone`` to ``p``: its ``nn.Dropout`` modules and the attention
+    dropout rates models keep as plain floats (``dropout_prob``, ``attention_dropout``, passed
+    to SDPA). Returns how many were set."""
+    n = 0
+    for m in backbone.modules():
+        if isinstance(m, nn.Dropout):
+            m.p, n = p, n + 1
+        for attr in ("dropout_prob", "attention_dropout"):
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, p)
+                n += 1
+    cfg = backbone.config
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout",
+                "hidden_dropout", "dropout"):
+        if isinstance(getattr(cfg, key, None), float):
+            setattr(cfg, key, p)  # (so a saved config says what trained)
+    return n
+
+
 def default_pooling(config) -> str:
     return "last" if is_decoder(config) else "mean"
 
