@@ -208,3 +208,13 @@ def test_short_gpu_batches_are_filled_to_a_power_of_two():
     assert inference_rows(300, 64, 64) == 512  # 8 x 64 rows of 64 tokens fill the budget
     assert inference_rows(300, 64, 40) == 320  # never past a full batch's rows
     assert inference_rows(2, INFER_TOKENS * 2, 64) == 2  # one huge row: as it is
+
+
+def test_ladder_never_pads_past_the_datas_longest_row():
+    """A model whose position limit is not a rung (say 300) must still get rows it can take."""
+    from textune.data import LADDER, Encoded
+
+    data = Encoded([np.ones(n, dtype=np.int64) for n in (300, 290, 200, 10)], None, None, 0)
+    assert data.collate([0, 1], LADDER)["input_ids"].shape[1] == 304  # not the rung 320
+    assert data.collate([2], LADDER)["input_ids"].shape[1] == 224  # a rung below the cap
+    assert data.collate([3], LADDER)["input_ids"].shape[1] == 16

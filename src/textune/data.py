@@ -6,6 +6,7 @@ and the fix.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -290,10 +291,19 @@ class Encoded:
                        None if self.labels is None else np.concatenate([self.labels, other.labels]),
                        self.pad_id)
 
+    @functools.cached_property
+    def _widest(self) -> int:
+        return padded_width(int(self.lengths.max(initial=1)), 8)
+
     def collate(self, idx, multiple: int = 8) -> dict[str, torch.Tensor]:
-        """Pad a batch to its longest row, rounded up by ``padded_width`` (fewer distinct shapes)."""
+        """Pad a batch to its longest row, rounded up by ``padded_width`` (fewer distinct shapes).
+        The ladder never pads past the longest row of the data (rounded to 8): a model whose
+        position limit is not a rung (say 300) still gets rows it can take."""
         seqs = [self.input_ids[i] for i in idx]
-        width = padded_width(max(len(s) for s in seqs), multiple)
+        longest = max(len(s) for s in seqs)
+        width = padded_width(longest, multiple)
+        if multiple == LADDER:
+            width = min(width, max(padded_width(longest, 8), self._widest))
         ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(seqs), width), dtype=np.int64)
         for r, s in enumerate(seqs):
