@@ -342,9 +342,8 @@ def infer(n: int = 4000) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["quick", "full", "batching", "infer", "lora", "bare"],
-                   nargs="?",
-                   default="quick")
+    single = {"batching": batching, "infer": infer, "lora": lora, "bare": bare}
+    p.add_argument("mode", choices=["quick", "full", *single], nargs="?", default="quick")
     p.add_argument("--n-train", type=int, default=3000)
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -352,17 +351,8 @@ def main() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    if a.mode == "batching":
-        batching()
-        return
-    if a.mode == "infer":
-        infer()
-        return
-    if a.mode == "lora":
-        lora()
-        return
-    if a.mode == "bare":
-        bare()
+    if a.mode in single:
+        single[a.mode]()
         return
     quick(a.n_train)
     if a.mode == "full":
