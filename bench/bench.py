@@ -1,4 +1,6 @@
-"""textune vs Hugging Face Trainer, same model, data, hyperparameters and machine, one process.
+"""textune vs Hugging Face Trainer, same model, data, hyperparameters and machine, back to back:
+each training run in a fresh Python process of its own (what a user runs), so neither inherits
+the other's heap, threads or library state.
 
     python bench/bench.py quick   # CPU, minilm-l6 full fine-tuning on a fixed rt-polarity subset
     python bench/bench.py full    # quick + the GPU rows when CUDA is present (see bench/gpu.py)
@@ -130,6 +132,29 @@ def run_trainer(train: Path, test: Path, out: Path, bf16: bool = False, seed: in
     return {"seconds": secs, "accuracy": acc, "n": len(tr)}
 
 
+def _quiet() -> None:
+    logging.basicConfig(level=logging.WARNING)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _call(fn, args, kw):
+    _quiet()
+    return fn(*args, **kw)
+
+
+def isolated(fn, *args, **kw):
+    """``fn(*args, **kw)`` in a fresh Python process (spawned): one run's leftovers (a heap grown
+    and fragmented, library state) cost the next run in the same process up to ~10%."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_call, fn, args, kw).result()
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -155,11 +180,10 @@ def quick(n_train: int = 3000, n_test: int = 1000) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="textune-bench-"))
     train, val, test = subset(n_train, n_test, tmp)
     rows = {}
-    # alternate the order so neither tool always runs on a warmer machine
-    rows["trainer"] = run_trainer(train, test, tmp / "trainer")
-    rows["textune"] = run_textune(train, val, test, tmp / "textune")
+    rows["trainer"] = isolated(run_trainer, train, test, tmp / "trainer")
+    rows["textune"] = isolated(run_textune, train, val, test, tmp / "textune")
     if bf16_cpu():  # give Trainer the same low precision textune uses on this CPU
-        rows["trainer-bf16"] = run_trainer(train, test, tmp / "trainer-bf16", bf16=True)
+        rows["trainer-bf16"] = isolated(run_trainer, train, test, tmp / "trainer-bf16", bf16=True)
     # the anchor is Trainer as it runs by default (fp32 on CPU); the bf16 row is reported too
     anchor = rows["trainer"]
     speed = anchor["seconds"] / rows["textune"]["seconds"]
@@ -271,15 +295,17 @@ def lora(n_train: int = 1000, n_test: int = 1000) -> dict:
     train, val, test = subset(n_train, n_test, tmp)
     peft_cfg = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": targets,
                 "bias": "none"}
-    rows = {"trainer+peft": run_trainer(train, test, tmp / "trainer", model_name="smollm2-135m",
-                                        lora=peft_cfg, **over)}
-    rows["textune"] = run_textune(train, val, test, tmp / "textune", model="smollm2-135m",
-                                  strategy=StrategyArgs("lora", lora_r=8, lora_alpha=16,
-                                                        lora_dropout=0.0, lora_targets=targets),
-                                  **over)
+    rows = {"trainer+peft": isolated(run_trainer, train, test, tmp / "trainer",
+                                     model_name="smollm2-135m", lora=peft_cfg, **over)}
+    rows["textune"] = isolated(run_textune, train, val, test, tmp / "textune",
+                               model="smollm2-135m",
+                               strategy=StrategyArgs("lora", lora_r=8, lora_alpha=16,
+                                                     lora_dropout=0.0, lora_targets=targets),
+                               **over)
     if bf16_cpu():
-        rows["trainer+peft-bf16"] = run_trainer(train, test, tmp / "trainer-bf16", bf16=True,
-                                                model_name="smollm2-135m", lora=peft_cfg, **over)
+        rows["trainer+peft-bf16"] = isolated(run_trainer, train, test, tmp / "trainer-bf16",
+                                             bf16=True, model_name="smollm2-135m", lora=peft_cfg,
+                                             **over)
     anchor = rows["trainer+peft"]
     print(f"\nmachine: {machine()}, transformers {transformers.__version__}")
     print(f"task: smollm2-135m LoRA, rt-polarity {n_train} train / {n_test} test, "
@@ -346,11 +372,7 @@ def main() -> None:
     p.add_argument("mode", choices=["quick", "full", *single], nargs="?", default="quick")
     p.add_argument("--n-train", type=int, default=3000)
     a = p.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    _quiet()
     if a.mode in single:
         single[a.mode]()
         return

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import cpu
 from .config import TrainArgs
 from .data import LADDER, batch_indices, padded_width
 from .errors import UserError
@@ -350,6 +351,9 @@ def fit(module: nn.Module, train_data: TrainData, val_data: TrainData | None, ar
     running_n = 0
     done = state.step >= total
     safe = (state.epoch, state.batch_in_epoch)
+    # (compiled graphs generate their own dropout masks)
+    restore = cpu.fast_training(accelerator.unwrap_model(module), accelerator.device) \
+        if not args.compile else (lambda: None)
     try:
         for epoch in range(state.epoch, epochs):
             if done:
@@ -453,6 +457,8 @@ def fit(module: nn.Module, train_data: TrainData, val_data: TrainData | None, ar
         log.warning("interrupted at step %d: checkpoint saved; continue with "
                     "`textune train --resume %s`", state.step, run_dir)
         raise
+    finally:
+        restore()
     bar.close()
     return state
 

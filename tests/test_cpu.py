@@ -1,0 +1,130 @@
+"""The CPU training fast path (textune.cpu): dropout masks, attention, and the swap in and out."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from textune import cpu
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_keep_mask_keeps_one_minus_p(p):
+    torch.manual_seed(0)
+    keep = cpu.keep_mask(torch.Size([1000, 999]), p)  # n not a multiple of 4
+    assert keep.shape == (1000, 999) and keep.dtype == torch.bool
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.003
+    # no lane of the 64-bit draws is biased (a draw's top bit would be, without the full range)
+    lanes = keep.flatten()[: 4 * (keep.numel() // 4)].view(-1, 4).float().mean(0)
+    assert (lanes - (1 - p)).abs().max().item() < 0.006
+    torch.manual_seed(0)
+    assert torch.equal(cpu.keep_mask(torch.Size([1000, 999]), p), keep)  # seeded: reproducible
+
+
+def test_dropout_is_inverted_dropout_with_matching_gradient():
+    torch.manual_seed(0)
+    x = torch.full((400, 500), 2.0, requires_grad=True)
+    y = cpu.dropout(x, 0.1)
+    zero = (y == 0).float().mean().item()
+    assert abs(zero - 0.1) < 0.005
+    scale = 65536 / (65536 - round(0.1 * 65536))
+    assert torch.allclose(y[y != 0], torch.tensor(2.0 * scale))
+    assert abs(y.mean().item() - 2.0) < 0.02  # expectation kept
+    y.sum().backward()
+    assert torch.equal(x.grad, (y / 2.0).detach())  # gradient flows through kept elements only
+    assert torch.equal(cpu.dropout(x, 0.0), x)
+    assert cpu.dropout(x, 1.0).abs().sum().item() == 0
+
+
+def _qkv_mask(b=3, h=2, t=7, d=8):
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(b, h, t, d) for _ in range(3))
+    lengths = torch.tensor([t, 4, 2])
+    keep = torch.arange(t)[None, :] < lengths[:, None]
+    return q, k, v, keep[:, None, None, :].expand(b, 1, t, t)
+
+
+class _Layer(torch.nn.Module):
+    is_causal = False
+
+
+def test_attention_matches_sdpa_without_dropout_and_applies_its_mask_with_it():
+    q, k, v, mask = _qkv_mask()
+    layer = _Layer().train()
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+    # a rate below 1/65536 takes the math path but drops nothing
+    out, _ = cpu.attention(layer, q, k, v, mask, dropout=1e-6)
+    assert torch.allclose(out, ref, atol=1e-5)
+    bias = torch.zeros(mask.shape).masked_fill_(~mask, torch.finfo(torch.float32).min)
+    assert torch.allclose(cpu.attention(layer, q, k, v, bias, dropout=1e-6)[0], ref, atol=1e-5)
+    ref_nomask = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    assert torch.allclose(cpu.attention(layer, q, k, v, None, dropout=1e-6)[0], ref_nomask,
+                          atol=1e-5)
+    # with dropout: softmax(QK^T) with the mask the generator gives, scaled, then V
+    torch.manual_seed(5)
+    out, _ = cpu.attention(layer, q, k, v, mask, dropout=0.25)
+    torch.manual_seed(5)
+    scores = (q @ k.transpose(-1, -2)) / 8 ** 0.5
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    keep = cpu.keep_mask(probs.shape, 0.25)
+    expect = (probs * keep / 0.75) @ v
+    assert torch.allclose(out, expect.transpose(1, 2), atol=1e-5)
+    # eval mode, or a causal layer: SDPA itself
+    layer.eval()
+    assert torch.allclose(cpu.attention(layer, q, k, v, mask, dropout=0.0)[0], ref, atol=1e-6)
+
+
+def _tiny_bert(attn_dropout=0.1):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=32,
+                     attention_probs_dropout_prob=attn_dropout)
+    return BertModel(cfg)
+
+
+def test_fast_training_swaps_in_and_puts_everything_back(monkeypatch):
+    from torch import nn
+
+    model = _tiny_bert()
+    ids = torch.randint(5, 50, (4, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    eval_ref = model.eval()(input_ids=ids, attention_mask=mask).last_hidden_state
+    restore = cpu.fast_training(model, torch.device("cpu"))
+    assert model.config._attn_implementation == cpu.ATTENTION
+    drops = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert drops and all(type(m) is cpu.Dropout for m in drops)
+    # eval: the same numbers as before; training: dropout on, from the seeded generator
+    assert torch.allclose(model(input_ids=ids, attention_mask=mask).last_hidden_state, eval_ref,
+                          atol=1e-5)
+    model.train()
+    torch.manual_seed(3)
+    a = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.manual_seed(3)
+    b = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.equal(a, b) and not torch.allclose(a, eval_ref, atol=1e-3)
+    a.sum().backward()
+    assert all(p.grad is not None for p in model.encoder.parameters())
+    restore()
+    assert model.config._attn_implementation == "sdpa"
+    assert all(type(m) is nn.Dropout for m in drops)
+    assert cpu.ATTENTION not in str(model.config.to_dict())  # never saved into config.json
+
+
+def test_fast_training_is_off_elsewhere(monkeypatch):
+    from torch import nn
+
+    model = _tiny_bert(attn_dropout=0.0)
+    cpu.fast_training(model, torch.device("cpu"))
+    assert model.config._attn_implementation == "sdpa"  # no attention dropout: plain SDPA
+    assert all(type(m) is cpu.Dropout for m in model.modules() if isinstance(m, nn.Dropout))
+    for off in (dict(device=torch.device("meta")), dict(env="0")):
+        model = _tiny_bert()
+        if "env" in off:
+            monkeypatch.setenv("TEXTUNE_CPU_FASTPATH", "0")
+        cpu.fast_training(model, off.get("device", torch.device("cpu")))
+        assert model.config._attn_implementation == "sdpa"
+        assert all(type(m) is nn.Dropout for m in model.modules() if isinstance(m, nn.Dropout))
