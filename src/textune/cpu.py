@@ -19,10 +19,9 @@ import ctypes
 import math
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 ATTENTION = "textune_cpu"
