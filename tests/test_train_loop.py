@@ -11,3 +11,12 @@ def test_lr_schedule_warms_up_then_decays():
     c = [lr_factor(s, total, 0, "cosine") for s in range(total)]
     assert math.isclose(c[0], 1.0) and c[50] < 0.55 and c[-1] < 0.01
     assert lr_factor(99, total, 0, "constant") == 1.0
+
+
+def test_training_batches_pad_per_device():
+    from textune.config import TrainArgs
+
+    assert TrainArgs().padding_multiple("cpu") == 1  # a CPU pays for every padded token
+    assert TrainArgs().padding_multiple("cuda") == 8  # tensor cores, fewer shapes
+    assert TrainArgs(compile=True).padding_multiple("cpu") == 64  # few compiled shapes
+    assert TrainArgs(pad_multiple=16).padding_multiple("cpu") == 16

@@ -171,7 +171,8 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
         # Trainer's accuracy with 32 rows, at the same lr it fell 2.7 points; docs/BENCHMARKS.md)
         from .train import _global_batches
 
-        batches = _global_batches(enc["train"], cfg.train, 0, 1, cfg.train.padding_multiple())
+        batches = _global_batches(enc["train"], cfg.train, 0, 1, cfg.train.padding_multiple(
+            "cuda" if torch.cuda.is_available() else "cpu"))
         rows = len(enc["train"]) / len(batches)
         lr = default * math.sqrt(rows / cfg.train.batch_size)
         log.info("--batch-tokens %d: ~%.0f rows per step; default lr %.2e scaled by "
