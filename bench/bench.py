@@ -3,6 +3,7 @@ each training run in a fresh Python process of its own (what a user runs), so ne
 the other's heap, threads or library state.
 
     python bench/bench.py quick   # CPU, minilm-l6 full fine-tuning on a fixed rt-polarity subset
+    python bench/bench.py quick --pairs 3  # the same, alternating 3 pairs: median ratio
     python bench/bench.py full    # quick + the GPU rows when CUDA is present (see bench/gpu.py)
     python bench/bench.py batching  # accuracy: token-budget batches vs Trainer's 32 rows
     python bench/bench.py infer   # CPU: textune predict vs a transformers pipeline
@@ -174,32 +175,48 @@ def bf16_cpu() -> bool:
     return not torch.cuda.is_available() and native_bf16("cpu")
 
 
-def quick(n_train: int = 3000, n_test: int = 1000) -> dict:
+def quick(n_train: int = 3000, n_test: int = 1000, pairs: int = 1) -> dict:
+    """``pairs`` > 1: Trainer and textune runs alternate (T t t T T t ...), and the speedup is
+    the median of the pairs' ratios: a shared machine's speed drifts by 10% or more within
+    minutes, and each pair's two runs are measured close together."""
+    import statistics
+
     import transformers
 
     tmp = Path(tempfile.mkdtemp(prefix="textune-bench-"))
     train, val, test = subset(n_train, n_test, tmp)
-    rows = {}
-    rows["trainer"] = isolated(run_trainer, train, test, tmp / "trainer")
-    rows["textune"] = isolated(run_textune, train, val, test, tmp / "textune")
+    runs = {"trainer": lambda i: isolated(run_trainer, train, test, tmp / f"trainer{i}"),
+            "textune": lambda i: isolated(run_textune, train, val, test, tmp / f"textune{i}")}
     if bf16_cpu():  # give Trainer the same low precision textune uses on this CPU
-        rows["trainer-bf16"] = isolated(run_trainer, train, test, tmp / "trainer-bf16", bf16=True)
-    # the anchor is Trainer as it runs by default (fp32 on CPU); the bf16 row is reported too
-    anchor = rows["trainer"]
-    speed = anchor["seconds"] / rows["textune"]["seconds"]
-    extra = ""
-    if "trainer-bf16" in rows:
-        extra = (f" speedup_vs_trainer_bf16="
-                 f"{rows['trainer-bf16']['seconds'] / rows['textune']['seconds']:.2f}")
+        runs["trainer-bf16"] = lambda i: isolated(run_trainer, train, test, tmp / f"bf{i}",
+                                                  bf16=True)
+    done: dict[str, list[dict]] = {k: [] for k in runs}
+    for i in range(pairs):
+        for k in (runs if i % 2 == 0 else reversed(runs)):
+            done[k].append(runs[k](i))
+    rows = {k: v[0] for k, v in done.items()}
+
+    def ratio(k: str) -> float:
+        return statistics.median(a["seconds"] / b["seconds"]
+                                 for a, b in zip(done[k], done["textune"]))
+
+    extra = f" speedup_vs_trainer_bf16={ratio('trainer-bf16'):.2f}" if "trainer-bf16" in runs else ""
     print(f"\nmachine: {machine()}, transformers {transformers.__version__}")
     print(f"task: minilm-l6 full fine-tuning, rt-polarity {n_train} train / {n_test} test, "
           f"{json.dumps(HYPER)}")
-    print(f"{'tool':<13} {'train s':>9} {'samples/s':>10} {'accuracy':>9}")
-    for k, r in rows.items():
-        print(f"{k:<13} {r['seconds']:>9.1f} {r['n'] / r['seconds']:>10.1f} {r['accuracy']:>9.4f}")
-    # native bf16 decides the CPU result (docs/BENCHMARKS.md: 3.55x with it, 1.75x without)
-    print(f"speedup_vs_trainer={speed:.2f} accuracy_textune={rows['textune']['accuracy']:.4f} "
-          f"accuracy_trainer={anchor['accuracy']:.4f}{extra} native_bf16={int(bf16_cpu())}")
+    print(f"{'tool':<13} {'run':>4} {'train s':>9} {'samples/s':>10} {'accuracy':>9}")
+    for k, v in done.items():
+        for i, r in enumerate(v):
+            print(f"{k:<13} {i + 1:>4} {r['seconds']:>9.1f} {r['n'] / r['seconds']:>10.1f} "
+                  f"{r['accuracy']:>9.4f}")
+    if pairs > 1:
+        print("speedup per pair: " + " ".join(
+            f"{a['seconds'] / b['seconds']:.2f}" for a, b in zip(done["trainer"], done["textune"])))
+    # native bf16 decides the CPU result (docs/BENCHMARKS.md)
+    print(f"speedup_vs_trainer={ratio('trainer'):.2f} "
+          f"accuracy_textune={rows['textune']['accuracy']:.4f} "
+          f"accuracy_trainer={rows['trainer']['accuracy']:.4f}{extra} "
+          f"native_bf16={int(bf16_cpu())}")
     return rows
 
 
@@ -371,12 +388,14 @@ def main() -> None:
     single = {"batching": batching, "infer": infer, "lora": lora, "bare": bare}
     p.add_argument("mode", choices=["quick", "full", *single], nargs="?", default="quick")
     p.add_argument("--n-train", type=int, default=3000)
+    p.add_argument("--pairs", type=int, default=1,
+                   help="quick: alternate N Trainer/textune pairs, report the median ratio")
     a = p.parse_args()
     _quiet()
     if a.mode in single:
         single[a.mode]()
         return
-    quick(a.n_train)
+    quick(a.n_train, pairs=a.pairs)
     if a.mode == "full":
         if torch.cuda.is_available():
             sys.path.insert(0, str(Path(__file__).parent))
