@@ -51,6 +51,9 @@ def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     return x * keep_mask(x.shape, p, x.device).to(x.dtype).mul_(scale)
 
 
+_dropout = dropout  # (attention's own ``dropout`` argument, the rate, shadows the name)
+
+
 class Dropout(nn.Dropout):
     """``nn.Dropout`` that uses :func:`dropout` for CPU training, and ``F.dropout`` elsewhere."""
 
@@ -82,7 +85,7 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0,
             bias = torch.zeros(attention_mask.shape, dtype=scores.dtype, device=scores.device)
             attention_mask = bias.masked_fill_(~attention_mask, torch.finfo(scores.dtype).min)
         scores = scores + attention_mask
-    probs = globals()["dropout"](torch.softmax(scores, dim=-1), dropout)
+    probs = _dropout(torch.softmax(scores, dim=-1), dropout)
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
 
 
