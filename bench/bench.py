@@ -147,8 +147,10 @@ def _call(fn, args, kw):
 
 
 def isolated(fn, *args, **kw):
-    """``fn(*args, **kw)`` in a fresh Python process (spawned): one run's leftovers (a heap grown
-    and fragmented, library state) cost the next run in the same process up to ~10%."""
+    """``fn(*args, **kw)`` in a fresh Python process (spawned), so no run inherits an earlier
+    run's leftovers (a grown heap, library state). One test hinted that a Trainer run slowed the
+    next textune run in the same process (57.2 vs 64.5 s), inside this machine's drift: isolation
+    settles it rather than measures it."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 

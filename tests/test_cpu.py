@@ -85,7 +85,7 @@ def _tiny_bert(attn_dropout=0.1):
     return BertModel(cfg)
 
 
-def test_fast_training_swaps_in_and_puts_everything_back(monkeypatch):
+def test_fast_training_swaps_in_and_puts_everything_back():
     from torch import nn
 
     model = _tiny_bert()
