@@ -93,8 +93,10 @@ def test_fast_training_swaps_in_and_puts_everything_back():
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0
     eval_ref = model.eval()(input_ids=ids, attention_mask=mask).last_hidden_state
-    restore = cpu.fast_training(model, torch.device("cpu"))
+    fast = cpu.fast_training(model, torch.device("cpu"))
     assert model.config._attn_implementation == cpu.ATTENTION
+    tables = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    assert len(tables) == 3 and all(type(m) is cpu.Embedding for m in tables)  # words, positions, types
     drops = [m for m in model.modules() if isinstance(m, nn.Dropout)]
     assert drops and all(type(m) is cpu.Dropout for m in drops)
     # eval: the same numbers as before; training: dropout on, from the seeded generator
@@ -108,9 +110,11 @@ def test_fast_training_swaps_in_and_puts_everything_back():
     assert torch.equal(a, b) and not torch.allclose(a, eval_ref, atol=1e-3)
     a.sum().backward()
     assert all(p.grad is not None for p in model.encoder.parameters())
-    restore()
+    assert model.embeddings.word_embeddings.weight.grad is fast.tables[0].buf
+    fast.restore()
     assert model.config._attn_implementation == "sdpa"
     assert all(type(m) is nn.Dropout for m in drops)
+    assert all(type(m) is nn.Embedding and not hasattr(m, "_textune_rows") for m in tables)
     assert cpu.ATTENTION not in str(model.config.to_dict())  # never saved into config.json
 
 
@@ -125,6 +129,78 @@ def test_fast_training_is_off_elsewhere(monkeypatch):
         model = _tiny_bert()
         if "env" in off:
             monkeypatch.setenv("TEXTUNE_CPU_FASTPATH", "0")
-        cpu.fast_training(model, off.get("device", torch.device("cpu")))
+        fast = cpu.fast_training(model, off.get("device", torch.device("cpu")))
+        assert not fast.on and not fast.tables
         assert model.config._attn_implementation == "sdpa"
         assert all(type(m) is nn.Dropout for m in model.modules() if isinstance(m, nn.Dropout))
+        assert all(type(m) is nn.Embedding for m in model.modules() if isinstance(m, nn.Embedding))
+    # several processes: DDP must see each gradient arrive, so embeddings keep autograd's
+    monkeypatch.delenv("TEXTUNE_CPU_FASTPATH")
+    model = _tiny_bert()
+    fast = cpu.fast_training(model, torch.device("cpu"), distributed=True)
+    assert fast.on and not fast.tables and model.config._attn_implementation == cpu.ATTENTION
+
+
+class _Bag(torch.nn.Module):
+    """Embedding, mean over positions, linear: a model whose table is all of the update."""
+
+    def __init__(self, tied: bool = False):
+        super().__init__()
+        self.emb = torch.nn.Embedding(40, 6, padding_idx=0)
+        self.out = torch.nn.Linear(6, 40)
+        if tied:
+            self.out.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.out(self.emb(ids).mean(1))
+
+
+def _train(model, fast, steps, max_norm, fused=True, accumulate=2):
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.01, fused=fused)
+    params = list(model.parameters())
+    gen = torch.Generator().manual_seed(0)
+    touched = []
+    for _ in range(steps):
+        for _ in range(accumulate):  # gradient accumulation: two backwards, one step
+            ids = torch.randint(0, 40, (3, 5), generator=gen)
+            ids[0, 3:] = 0  # padding
+            y = torch.randint(0, 40, (3,), generator=gen)
+            F.cross_entropy(model(ids) * 4, y).backward()
+            touched.append(ids)
+        if fast is None:
+            if max_norm:
+                torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+            opt.step()
+        else:
+            rows = model.emb.weight.grad.abs().sum(1).nonzero().flatten()
+            ids = torch.cat(touched).unique()
+            assert set(rows.tolist()) <= set(ids[ids != 0].tolist())  # only the batch's rows
+            fast.step(opt, params, max_norm)
+        opt.zero_grad(set_to_none=True)
+        touched.clear()
+    return model
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 0.0])
+@pytest.mark.parametrize("fused", [True, False])
+def test_row_gradients_and_folded_clip_train_as_autograd_and_clip_grad_norm(max_norm, fused):
+    import copy
+
+    torch.manual_seed(0)
+    ref = _Bag()
+    model = copy.deepcopy(ref)
+    fast = cpu.fast_training(model, torch.device("cpu"))
+    assert type(model.emb) is cpu.Embedding and fast.tables
+    _train(ref, None, 6, max_norm, fused)
+    _train(model, fast, 6, max_norm, fused)
+    for a, b in zip(ref.parameters(), model.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), (a - b).abs().max()
+    assert torch.equal(model.emb.weight[0], ref.emb.weight[0])  # the padding row: weight decay only
+    fast.restore()
+    assert type(model.emb) is torch.nn.Embedding
+
+
+def test_a_tied_table_keeps_nn_embedding():
+    model = _Bag(tied=True)
+    fast = cpu.fast_training(model, torch.device("cpu"))
+    assert type(model.emb) is torch.nn.Embedding and not fast.tables

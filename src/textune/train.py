@@ -354,8 +354,8 @@ def fit(module: nn.Module, train_data: TrainData, val_data: TrainData | None, ar
     done = state.step >= total
     safe = (state.epoch, state.batch_in_epoch)
     # (compiled graphs generate their own dropout masks)
-    restore = cpu.fast_training(accelerator.unwrap_model(module), accelerator.device) \
-        if not args.compile else (lambda: None)
+    fast = cpu.fast_training(accelerator.unwrap_model(module), accelerator.device,
+                             distributed=world > 1) if not args.compile else cpu.FastPath()
     try:
         for epoch in range(state.epoch, epochs):
             if done:
@@ -392,15 +392,13 @@ def fit(module: nn.Module, train_data: TrainData, val_data: TrainData | None, ar
                 state.batch_in_epoch = i + 1
                 if not last_in_group:
                     continue
-                if args.max_grad_norm and not graphed:
-                    # torch's own clip over a fixed list: Accelerate's wrapper costs ~0.5 ms of
-                    # Python per step (package probes, module walks), more than a small head's
-                    # whole step on a GPU; fp16 grads are unscaled first, as it does
-                    if accelerator.scaler is not None:
-                        accelerator.unscale_gradients()
-                    torch.nn.utils.clip_grad_norm_(clipped, args.max_grad_norm, foreach=True)
                 if not graphed:
-                    optimizer.step()
+                    # torch's clip over a fixed list, not Accelerate's (its wrapper costs ~0.5
+                    # ms of Python a step: package probes, module walks); fp16 grads are
+                    # unscaled first, as it does
+                    if args.max_grad_norm and accelerator.scaler is not None:
+                        accelerator.unscale_gradients()
+                    fast.step(optimizer, clipped, args.max_grad_norm)
                 schedule.step()  # (fills the graph's learning-rate tensors in place)
                 if graph is None:
                     optimizer.zero_grad(set_to_none=True)
@@ -460,7 +458,7 @@ def fit(module: nn.Module, train_data: TrainData, val_data: TrainData | None, ar
                     "`textune train --resume %s`", state.step, run_dir)
         raise
     finally:
-        restore()
+        fast.restore()
     bar.close()
     return state
 
