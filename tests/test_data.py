@@ -118,6 +118,14 @@ def test_batches_cover_everything_once_and_group_lengths():
 
     assert padding(grouped) < 0.2 * padding(rand)
     assert batch_indices(lengths, 1000, 32, shuffle=True, seed=1) == grouped  # deterministic
+    # pools of 2 x 32 rows: every batch is full but one, and none straddles two pools (whose
+    # sorted runs would put one pool's shortest rows with the next one's longest)
+    pooled = batch_indices(lengths, 1000, 32, shuffle=True, seed=1, pool=2)
+    assert sorted(len(x) for x in pooled)[1:] == [32] * 31
+    assert padding(pooled) < 0.75 * padding(rand)  # (two batches a pool: some grouping)
+    order = np.random.default_rng(1).permutation(1000)
+    pools = [set(order[i:i + 64].tolist()) for i in range(0, 1000, 64)]
+    assert all(any(set(x) <= pool for pool in pools) for x in pooled)
 
 
 def test_token_budget_batches_respect_the_budget_and_cover_every_row():

