@@ -1,5 +1,6 @@
 """CPU training fast path: cheaper dropout masks, attention with dropout off SDPA's slow path,
-and big tensors reused instead of page-faulted in every step.
+embedding gradients written for the batch's rows only, the clip folded into fused AdamW, and
+big tensors reused instead of page-faulted in every step.
 
 Measured on a 2-core AVX2 CPU (minilm-l6, batches of 32 rt-polarity sentences, forward and
 backward): ``F.dropout`` draws one Mersenne-Twister number per element; on [32, 72, 384] it
@@ -134,10 +135,12 @@ class RowGradient:
 
     ``nn.Embedding``'s backward makes a dense zero gradient the size of the table and adds the
     batch's rows into it; clipping then reads and scales all of it. minilm-l6's table is half
-    the model (30522 x 384): zeroing it was 12-15 ms of a ~600 ms step on a 2-core CPU. Here
-    one buffer serves every step: the rows the last step wrote are zeroed, the new ones added,
-    and :meth:`FastPath.step` takes their norm from those rows alone. The optimizer still sees
-    a dense gradient (zeros elsewhere), so the update is the same as with ``nn.Embedding``."""
+    the model (30522 x 384): zeroing it took 12-15 ms of a ~540 ms step (profiler, 2-core AVX2
+    CPU). Here one buffer serves every step: the rows the last step wrote are zeroed, the new
+    ones added, and :meth:`FastPath.step` takes their norm from those rows alone. The optimizer
+    still sees a dense gradient (zeros elsewhere), so the update is the same as with
+    ``nn.Embedding``. With the folded clip, steps took 2.2% less (median of 60 same-batch
+    pairs, interleaved in one process)."""
 
     def __init__(self, weight: nn.Parameter, padding_idx: int | None):
         self.weight, self.padding_idx = weight, padding_idx
@@ -220,7 +223,9 @@ class FastPath:
         if not max_norm:
             optimizer.step()
             return
-        if not self.tables and not self._folds(optimizer):
+        inner = getattr(optimizer, "optimizer", optimizer)  # (under Accelerate's wrapper)
+        folds = self.on and self._folds(inner)
+        if not self.tables and not folds:
             torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
             optimizer.step()
             return
@@ -229,8 +234,7 @@ class FastPath:
         dense = [p.grad for p in params if p.grad is not None and id(p) not in rows]
         total = _total_norm([*dense, *rows.values()])
         scale = (max_norm / (total + 1e-6)).clamp(max=1.0)  # (clip_grad_norm_'s own rule)
-        inner = getattr(optimizer, "optimizer", optimizer)  # (under Accelerate's wrapper)
-        if self._folds(optimizer):
+        if folds:
             inner.grad_scale = scale.reciprocal()  # the kernel divides gradients by it
             try:
                 optimizer.step()
@@ -243,11 +247,12 @@ class FastPath:
                 t.buf.index_copy_(0, t.rows, rows[id(t.weight)] * scale)
         optimizer.step()
 
-    def _folds(self, optimizer) -> bool:
-        inner = getattr(optimizer, "optimizer", optimizer)
-        return (self.on and isinstance(inner, torch.optim.Adam)  # (AdamW subclasses Adam)
+    @staticmethod
+    def _folds(inner: torch.optim.Optimizer) -> bool:
+        """Whether ``inner`` divides gradients by a ``grad_scale`` in its step (torch's fused
+        optimizers: ``_step_supports_amp_scaling``), on the CPU, not already under a GradScaler."""
+        return (getattr(inner, "_step_supports_amp_scaling", False)
                 and not hasattr(inner, "grad_scale")
-                and all(g.get("fused") for g in inner.param_groups)
                 and all(p.device.type == "cpu" for g in inner.param_groups for p in g["params"]))
 
 
