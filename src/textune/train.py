@@ -570,9 +570,16 @@ def _global_batches(data: TrainData, args: TrainArgs, epoch: int, world: int,
     tokens = (args.batch_tokens or None) if data.lengths is not None else None  # not features
     batches = batch_indices(data.lengths, len(data), tokens or args.batch_size, shuffle=True,
                             seed=args.seed + epoch, max_tokens=tokens, multiple=multiple)
-    if world > 1 and len(batches) > 1 and len(batches[-1]) < world:
-        tail = batches.pop()  # too small to give every process a row: join the one before
-        batches[-1] = batches[-1] + tail
+    if world > 1 and len(batches) > 1:
+        # a batch too small to give every process a row (the short one at a length pool's end,
+        # wherever the shuffle put it) joins the batch before it
+        out: list[list[int]] = []
+        for b in batches:
+            if out and (len(b) < world or len(out[-1]) < world):
+                out[-1] = out[-1] + b
+            else:
+                out.append(b)
+        batches = out
     return batches
 
 
