@@ -64,6 +64,46 @@ def test_unknown_model_lists_catalog(capsys, tmp_path, toy_csv):
     assert code == 2 and "minilm-l6" in one_line_error(err)
 
 
+def test_hub_id_without_network_uses_the_cache_or_says_so(capsys, tmp_path, tiny_bert, toy_csv,
+                                                         monkeypatch):
+    import shutil
+    import time
+
+    from huggingface_hub import constants
+
+    from textune import modeling
+
+    monkeypatch.setattr(modeling, "hub_reachable", lambda timeout=5.0: False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    t = time.perf_counter()
+    code, _, err = run_cli(capsys, "train", "--model", "someorg/tiny", "--data", str(toy_csv),
+                           "--out", str(tmp_path / "o"))
+    line = one_line_error(err)
+    assert code == 2 and "cannot be reached" in line and "minilm-l6" in line
+    assert time.perf_counter() - t < 10  # (no minute of retries)
+    # the same id, cached the way huggingface_hub lays it out: trains from the cached copy
+    repo = tmp_path / "hf" / "models--someorg--tiny"
+    shutil.copytree(tiny_bert, repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    code, _, err = run_cli(capsys, "train", "--model", "someorg/tiny", "--data", str(toy_csv),
+                           "--epochs", "1", "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["model"]["model"] == \
+        "someorg/tiny"  # (the id, not this machine's cache path)
+    monkeypatch.setattr(modeling, "hub_reachable", lambda timeout=5.0: True)
+    assert modeling.resolve_model("someorg/tiny") == "someorg/tiny"  # online: the hub decides
+
+
+def test_hub_offline_mode_is_not_reachable(monkeypatch):
+    from huggingface_hub import constants
+
+    from textune.modeling import hub_reachable
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert hub_reachable() is False
+
+
 def test_unknown_strategy(capsys, tmp_path, tiny_bert, toy_csv):
     code, _, err = run_cli(capsys, "train", "--model", str(tiny_bert), "--data", str(toy_csv),
                            "--strategy", "magic", "--out", str(tmp_path / "o"))

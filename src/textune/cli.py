@@ -568,6 +568,8 @@ def setup_logging(debug: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for noisy in ("httpx", "urllib3", "filelock", "accelerate", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not debug:  # (its retry warnings, each printed twice: its own handler and ours)
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     try:
         import transformers
 

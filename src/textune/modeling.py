@@ -44,7 +44,45 @@ def resolve_model(spec: str | Path) -> str:
     if s.count("/") > 1:
         raise UserError(f"--model {s}: no such folder; catalog models: "
                         f"{', '.join(hub.catalog_names('model'))}")
-    return s  # a hub id: needs network (or the HF cache)
+    return hub_model(s)
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """One request to the Hugging Face endpoint, no retries (the hub client retries a dead
+    connection for ~25 s per file, and a model load asks for several files)."""
+    try:
+        from huggingface_hub import constants
+        from huggingface_hub.utils import get_session
+
+        if constants.HF_HUB_OFFLINE:
+            return False
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+        return True
+    except Exception:  # any failure (DNS, refused, timeout, proxy): not reachable
+        return False
+
+
+def hub_model(repo_id: str) -> str:
+    """A hub id -> the id itself when the hub answers, else the folder of its cached copy;
+    neither: a :class:`UserError` at once instead of a minute of retries."""
+    if hub_reachable():
+        return repo_id
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        folder = snapshot_download(repo_id, local_files_only=True)
+    except Exception:
+        raise UserError(f"--model {repo_id}: the Hugging Face hub cannot be reached from here and "
+                        f"the model is not in its cache ({constants.HF_HUB_CACHE}); pass a local "
+                        f"folder or a catalog name ({', '.join(_catalog_models())})") from None
+    log.info("the Hugging Face hub cannot be reached: using the cached copy of %s", repo_id)
+    return folder
+
+
+def _catalog_models() -> list[str]:
+    from . import hub
+
+    return hub.catalog_names("model")
 
 
 def gguf_to_hf(gguf: Path, out: Path) -> Path:
