@@ -50,6 +50,15 @@ def test_empty_texts_dropped_and_all_empty_is_error(tmp_path, caplog):
         read_table(q)
 
 
+def test_rows_without_label_named_by_their_line(tmp_path, caplog):
+    p = write_csv(tmp_path / "a.csv", [("x", "1"), ("y", ""), ("z", "0")])
+    assert read_table(p).texts == ["x", "z"]
+    assert "1 rows have no label (first: line 3)" in caplog.text  # header on line 1
+    (tmp_path / "b.jsonl").write_text('{"text": "x", "label": 1}\n{"text": "y"}\n')
+    assert read_table(tmp_path / "b.jsonl").texts == ["x"]
+    assert "(first: line 2)" in caplog.text
+
+
 def test_numeric_labels_sort_as_numbers():
     assert build_label_names(["10", "2", "1"]) == ["1", "2", "10"]
     assert build_label_names(["neg", "pos"]) == ["neg", "pos"]

@@ -112,6 +112,18 @@ def _pick(columns: list[str], flag: str, given: str | None, names: tuple[str, ..
     return None
 
 
+def _where(path: Path, i: int) -> str:
+    """Where the ``i``-th data row (0-based) is in ``path``, as its editor shows it."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return f"row {i + 1}"
+    if suffix == ".json":
+        return f"record {i + 1}"
+    if suffix in (".jsonl", ".ndjson"):
+        return f"line {i + 1}"
+    return f"line {i + 2}"  # (after the header; a quoted field spanning lines shifts this)
+
+
 def read_table(path: str | Path, *, text_col: str | None = None, label_col: str | None = None,
                pair_col: str | None = None, require_labels: bool = True) -> Table:
     """Read CSV / TSV / JSONL / Parquet into a :class:`Table`.
@@ -137,8 +149,8 @@ def read_table(path: str | Path, *, text_col: str | None = None, label_col: str 
         labels_all = [None if _isna(y) else _label_str(y) for y in raw]
         missing = [i for i in keep if labels_all[i] is None]
         if missing:
-            log.warning("%s: %d rows have no label (first: row %d) and were dropped", path,
-                        len(missing), missing[0] + 2)
+            log.warning("%s: %d rows have no label (first: %s) and were dropped", path,
+                        len(missing), _where(path, missing[0]))
             keep = [i for i in keep if labels_all[i] is not None]
         labels = [labels_all[i] for i in keep]
     n_empty = sum(1 for t in texts if not t.strip())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
 from pathlib import Path
 
 from torch import nn
@@ -30,6 +32,15 @@ _TARGETS = {
 }
 
 
+@contextlib.contextmanager
+def _quiet_peft():
+    """PEFT reads ``model.is_gradient_checkpointing``, which recent transformers deprecates with
+    a FutureWarning on every wrap and load: nothing the user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
+
+
 def default_targets(backbone: nn.Module) -> list[str] | str:
     mt = getattr(backbone.config, "model_type", "")
     return _TARGETS.get(mt, "all-linear")
@@ -55,7 +66,8 @@ class LoRA(Strategy):
         cfg = LoraConfig(r=o["r"], lora_alpha=o["alpha"], lora_dropout=o["dropout"],
                          target_modules=targets, bias="none")
         try:
-            model.backbone = get_peft_model(model.backbone, cfg)
+            with _quiet_peft():
+                model.backbone = get_peft_model(model.backbone, cfg)
         except ValueError as e:
             raise UserError(f"--lora-targets {targets}: {str(e).splitlines()[0]}") from None
         self.options["targets"] = targets if isinstance(targets, str) else list(targets)
@@ -68,6 +80,7 @@ class LoRA(Strategy):
     def load(self, model: TextClassifier, run_dir: Path) -> TextClassifier:
         from peft import PeftModel
 
-        model.backbone = PeftModel.from_pretrained(model.backbone, run_dir / ADAPTER_DIR)
+        with _quiet_peft():
+            model.backbone = PeftModel.from_pretrained(model.backbone, run_dir / ADAPTER_DIR)
         load_head(model, run_dir)
         return model
