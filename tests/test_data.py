@@ -33,6 +33,25 @@ def test_missing_column_lists_columns(tmp_path):
         read_table(p, text_col="foo", label_col="nope")
 
 
+def test_semicolon_csv_and_misquoted_rows(tmp_path):
+    (tmp_path / "semi.csv").write_text("text;label\ngood, fine;pos\nbad;neg\n")
+    t = read_table(tmp_path / "semi.csv")
+    assert t.texts == ["good, fine", "bad"] and t.labels == ["pos", "neg"]
+    # an unquoted comma in the first row: pandas would read column 1 as an index, silently
+    (tmp_path / "a.csv").write_text("text,label\ngreat movie, loved it,pos\nbad,neg\n")
+    with pytest.raises(UserError, match=r"a.csv: line 2 has 3 fields, the header 2; put quotes"):
+        read_table(tmp_path / "a.csv")
+    (tmp_path / "b.csv").write_text("text,label\nok,pos\nbad, really bad,neg\n")
+    with pytest.raises(UserError, match=r"b.csv.*line 3"):
+        read_table(tmp_path / "b.csv")
+
+
+def test_not_utf8_names_the_line(tmp_path):
+    (tmp_path / "l.csv").write_bytes("text,label\nok,pos\ncaf\u00e9,neg\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"l.csv: not valid UTF-8 at line 3"):
+        read_table(tmp_path / "l.csv")
+
+
 def test_binary_file_is_refused(tmp_path):
     p = tmp_path / "x.csv"
     p.write_bytes(b"\x00\x01\x02binary")

@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,20 +80,59 @@ def _read_frame(path: Path):
                 return pd.read_json(path, dtype=False)
             except ValueError:
                 return pd.read_json(path, lines=True, dtype=False)
-        sep = "\t" if suffix in (".tsv", ".tab") else ("," if suffix == ".csv" else None)
-        if sep is None:  # .txt or no suffix: guess from the header line
-            first = head.split(b"\n", 1)[0]
-            sep = "\t" if b"\t" in first else ","
-        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""],
-                           encoding="utf-8", on_bad_lines="error")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not valid UTF-8 (byte {e.start}); re-save it as UTF-8") from None
+        sep = _separator(head.split(b"\n", 1)[0], "\t" if suffix in (".tsv", ".tab") else ",")
+        with warnings.catch_warnings():
+            # pandas reads a first row with one field too many as an index column, and with
+            # index_col=False drops the field with only a warning: both misread the file
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            try:
+                return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False,
+                                   na_values=[""], encoding="utf-8", on_bad_lines="error",
+                                   index_col=False)
+            except pd.errors.ParserWarning:
+                raise UserError(_ragged(path, sep)) from None
+    except UnicodeDecodeError:
+        raw = path.read_bytes()
+        try:
+            raw.decode("utf-8")
+            where = ""
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            where = f" at line {line}"
+        raise UserError(f"{path}: not valid UTF-8{where}; re-save it as UTF-8 (it may be "
+                        f"Latin-1 or Windows-1252)") from None
+    except UserError:
+        raise
     except ImportError as e:
         raise UserError(f"{path}: reading {suffix} needs an extra package ({e.name}); "
                         f"pip install pyarrow") from None
     except Exception as e:  # pandas' parser errors name the line
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: could not be parsed as {suffix or 'CSV'} ({msg})") from None
+
+
+def _separator(header: bytes, default: str) -> str:
+    """The header line's field separator: ``default`` if it occurs there, else whichever of
+    tab, semicolon (spreadsheets in many locales) or pipe does."""
+    if default.encode() in header:
+        return default
+    found = [(header.count(c.encode()), c) for c in ("\t", ";", "|", ",") if c != default]
+    n, c = max(found)
+    return c if n else default
+
+
+def _ragged(path: Path, sep: str) -> str:
+    """The message for a row with more fields than the header, naming its line."""
+    import csv
+
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = csv.reader(f, delimiter=sep)
+        width = len(next(rows))
+        for row in rows:
+            if len(row) > width:
+                return (f"{path}: line {rows.line_num} has {len(row)} fields, the header "
+                        f"{width}; put quotes around texts that contain {sep!r}")
+    return f"{path}: rows have more fields than the header; check the quoting"
 
 
 def _pick(columns: list[str], flag: str, given: str | None, names: tuple[str, ...], path: Path,
