@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -48,15 +49,22 @@ def resolve_model(spec: str | Path) -> str:
 
 
 def hub_reachable(timeout: float = 5.0) -> bool:
-    """One request to the Hugging Face endpoint, no retries (the hub client retries a dead
-    connection for ~25 s per file, and a model load asks for several files)."""
+    """Whether the Hugging Face endpoint answers one request (no retries: the hub client retries
+    a dead connection for ~25 s per file, and a model load asks for several files). Asked once
+    per process and endpoint; ``HF_HUB_OFFLINE=1`` means no."""
     try:
         from huggingface_hub import constants
+    except ImportError:
+        return False
+    return not constants.HF_HUB_OFFLINE and _answers(constants.ENDPOINT, timeout)
+
+
+@functools.cache
+def _answers(endpoint: str, timeout: float) -> bool:
+    try:
         from huggingface_hub.utils import get_session
 
-        if constants.HF_HUB_OFFLINE:
-            return False
-        get_session().head(constants.ENDPOINT, timeout=timeout)
+        get_session().head(endpoint, timeout=timeout)
         return True
     except Exception:  # any failure (DNS, refused, timeout, proxy): not reachable
         return False
@@ -69,20 +77,17 @@ def hub_model(repo_id: str) -> str:
         return repo_id
     from huggingface_hub import constants, snapshot_download
 
+    from . import hub
+
     try:
         folder = snapshot_download(repo_id, local_files_only=True)
     except Exception:
         raise UserError(f"--model {repo_id}: the Hugging Face hub cannot be reached from here and "
                         f"the model is not in its cache ({constants.HF_HUB_CACHE}); pass a local "
-                        f"folder or a catalog name ({', '.join(_catalog_models())})") from None
+                        f"folder or a catalog name ({', '.join(hub.catalog_names('model'))})") \
+            from None
     log.info("the Hugging Face hub cannot be reached: using the cached copy of %s", repo_id)
     return folder
-
-
-def _catalog_models() -> list[str]:
-    from . import hub
-
-    return hub.catalog_names("model")
 
 
 def gguf_to_hf(gguf: Path, out: Path) -> Path:
