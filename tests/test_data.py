@@ -52,6 +52,19 @@ def test_not_utf8_names_the_line(tmp_path):
         read_table(tmp_path / "l.csv")
 
 
+def test_excel_sheet(tmp_path, caplog):
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("openpyxl")
+    pd.DataFrame({"Review": ["good film", "bad", "meh", "ok"], "Label": [5, 1, None, 2.0]}) \
+        .to_excel(tmp_path / "a.xlsx", index=False)
+    t = read_table(tmp_path / "a.xlsx")
+    assert t.texts == ["good film", "bad", "ok"] and t.labels == ["5", "1", "2"]
+    assert "(first: row 4)" in caplog.text  # the sheet's row number
+    (tmp_path / "old.xls").write_bytes(b"\xd0\xcf\x11\xe0")
+    with pytest.raises(UserError, match=r"old.xls.*save the sheet as .xlsx"):
+        read_table(tmp_path / "old.xls")
+
+
 def test_binary_file_is_refused(tmp_path):
     p = tmp_path / "x.csv"
     p.write_bytes(b"\x00\x01\x02binary")

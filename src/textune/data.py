@@ -67,12 +67,16 @@ def _read_frame(path: Path):
     suffix = path.suffix.lower()
     with open(path, "rb") as f:
         head = f.read(8192)
-    if suffix != ".parquet" and b"\x00" in head:
+    if suffix == ".xls":
+        raise UserError(f"{path}: old-style .xls is not read; save the sheet as .xlsx or CSV")
+    if suffix not in (".parquet", ".xlsx", ".xlsm") and b"\x00" in head:
         raise UserError(f"{path}: looks like a binary file, not CSV/TSV/JSONL text; pass a text "
-                        f"file or a .parquet file")
+                        f"file, a .parquet or an .xlsx file")
     try:
         if suffix == ".parquet":
             return pd.read_parquet(path)
+        if suffix in (".xlsx", ".xlsm"):  # the first sheet, its first row the header
+            return pd.read_excel(path, dtype=str, keep_default_na=False, na_values=[""])
         if suffix in (".jsonl", ".ndjson"):
             return pd.read_json(path, lines=True, dtype=False)
         if suffix == ".json":
@@ -103,9 +107,9 @@ def _read_frame(path: Path):
                         f"Latin-1 or Windows-1252)") from None
     except UserError:
         raise
-    except ImportError as e:
-        raise UserError(f"{path}: reading {suffix} needs an extra package ({e.name}); "
-                        f"pip install pyarrow") from None
+    except ImportError:
+        raise UserError(f"{path}: reading {suffix} needs an extra package: pip install "
+                        f"{'openpyxl' if suffix.startswith('.xls') else 'pyarrow'}") from None
     except Exception as e:  # pandas' parser errors name the line
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: could not be parsed as {suffix or 'CSV'} ({msg})") from None
@@ -157,6 +161,8 @@ def _where(path: Path, i: int) -> str:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return f"row {i + 1}"
+    if suffix in (".xlsx", ".xlsm"):
+        return f"row {i + 2}"  # (the sheet's own row numbers, the header in row 1)
     if suffix == ".json":
         return f"record {i + 1}"
     if suffix in (".jsonl", ".ndjson"):
