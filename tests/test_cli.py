@@ -171,6 +171,52 @@ def test_train_eval_predict_roundtrip(capsys, tmp_path, tiny_bert, toy_csv):
     assert code == 2 and "exists" in one_line_error(err)
 
 
+def test_predict_keeps_every_row_and_column(capsys, tmp_path, tiny_bert, monkeypatch):
+    import io
+
+    pd = pytest.importorskip("pandas")
+    rows = [(f"good film {i}", f"more {i}", "pos") for i in range(30)] + \
+        [(f"bad cast {i}", f"less {i}", "neg") for i in range(30)]
+    data = write_csv(tmp_path / "pairs.csv", rows, header=("body", "context", "y"))
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--model", str(tiny_bert), "--data", str(data),
+                           "--text-col", "body", "--text-pair-col", "context", "--label-col", "y",
+                           "--epochs", "1", "--out", str(out), "--quiet")
+    assert code == 0, err
+    # the run's own column names are found again; other columns and empty rows are kept
+    inp = write_csv(tmp_path / "new.csv", [("7", "good film", "more film", "pos"),
+                                           ("8", "", "", "neg"),
+                                           ("9", "bad cast", "less cast", "neg")],
+                    header=("id", "body", "context", "label"))
+    for suffix in (".csv", ".jsonl", ".xlsx"):
+        if suffix == ".xlsx":
+            pytest.importorskip("openpyxl")
+        dest = tmp_path / f"p{suffix}"
+        code, _, err = run_cli(capsys, "predict", str(out), "--input", str(inp), "--output",
+                               str(dest), "--quiet")
+        assert code == 0, err
+        got = {".csv": lambda p: pd.read_csv(p, dtype={"id": str}),
+               ".jsonl": lambda p: pd.read_json(p, lines=True, dtype={"id": str}),
+               ".xlsx": lambda p: pd.read_excel(p, dtype={"id": str})}[suffix](dest)
+        assert list(got.columns) == ["id", "body", "context", "label", "predicted_label",
+                                     "p_neg", "p_pos"]
+        assert list(got["id"]) == ["7", "8", "9"] and list(got["label"]) == ["pos", "neg", "neg"]
+        assert got["predicted_label"].isna().tolist() == [False, True, False]
+        assert got["p_pos"].isna().tolist() == [False, True, False]
+        assert abs(got["p_pos"][0] + got["p_neg"][0] - 1) < 1e-5
+    # pairs are required: stdin lines (single texts) and the Python API without pairs= refuse
+    monkeypatch.setattr("sys.stdin", io.StringIO("good film\n"))
+    code, _, err = run_cli(capsys, "predict", str(out), "--input", "-")
+    assert code == 2 and "text pairs" in one_line_error(err)
+    import textune
+    from textune.errors import UserError
+
+    clf = textune.load(out)
+    with pytest.raises(UserError, match="pairs="):
+        clf.predict(["good film"])
+    assert clf.predict(["good film"], ["more film"]) in (["pos"], ["neg"])
+
+
 def test_real_process_exit_code(tmp_path):
     r = subprocess.run([sys.executable, "-m", "textune", "eval", str(tmp_path), "--data", "x"],
                        capture_output=True, text=True)

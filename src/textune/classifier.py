@@ -63,6 +63,9 @@ class Classifier:
                batch_size: int = 64, progress: bool = False) -> np.ndarray:
         if isinstance(texts, str):
             raise UserError("predict() takes a list of texts; wrap a single text in a list")
+        if pairs is None and self.config.data.text_pair_col:
+            raise UserError(f"this classifier was trained on text pairs (column "
+                            f"{self.config.data.text_pair_col!r}): pass pairs= as well")
         if len(texts) == 0:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         if self.device.type != "cuda" or len(texts) <= 2 * self.CHUNK:
@@ -125,9 +128,9 @@ class Classifier:
         return out
 
     def predict_proba(self, texts: list[str], pairs: list[str] | None = None,
-                      batch_size: int = 64) -> np.ndarray:
+                      batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """Class probabilities, ``[len(texts), len(labels)]``, columns in ``self.labels`` order."""
-        return softmax(self.logits(texts, pairs, batch_size))
+        return softmax(self.logits(texts, pairs, batch_size, progress))
 
     def predict(self, texts: list[str], pairs: list[str] | None = None,
                 batch_size: int = 64) -> list[str]:

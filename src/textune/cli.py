@@ -203,42 +203,46 @@ def cmd_eval(a) -> int:
 
 
 def cmd_predict(a) -> int:
+    import numpy as np
+    import pandas as pd
+
     from .classifier import load
-    from .data import read_table
+    from .data import read_inputs, write_frame
 
     if a.output and Path(a.output).exists() and not a.overwrite:
         raise UserError(f"--output {a.output}: exists; choose a new file or pass --overwrite")
     clf = load(a.run)
+    pair_col = a.text_pair_col or clf.config.data.text_pair_col
     if a.input == "-":
+        if pair_col:
+            raise UserError(f"--input -: this run classifies text pairs (column {pair_col!r}); "
+                            f"pass a file with both columns")
         texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
         if not texts:
             raise UserError("--input -: no text lines on standard input")
-        pairs = None
+        df, pairs, keep = pd.DataFrame({"text": texts}), None, list(range(len(texts)))
     else:
-        t = read_table(a.input, text_col=a.text_col, require_labels=False)
-        texts, pairs = t.texts, t.pairs
-    probs = clf.predict_proba(texts, pairs, batch_size=a.batch_size)
-    rows = [{"text": t, "label": clf.labels[int(p.argmax())],
-             **{f"p_{n}": round(float(x), 6) for n, x in zip(clf.labels, p)}}
-            for t, p in zip(texts, probs)]
-    fmt = "jsonl" if (a.output or "").endswith((".jsonl", ".json")) or not a.output and a.jsonl \
-        else "csv"
-    out = open(a.output, "w", encoding="utf-8", newline="") if a.output else sys.stdout
-    try:
-        if fmt == "jsonl":
-            for r in rows:
-                out.write(json.dumps(r, ensure_ascii=False) + "\n")
-        else:
-            import csv
-
-            w = csv.DictWriter(out, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-    finally:
-        if a.output:
-            out.close()
+        df, table, keep = read_inputs(a.input, text_col=a.text_col, pair_col=pair_col,
+                                      run_text_col=clf.config.data.text_col)
+        texts, pairs = table.texts, table.pairs
+    probs = clf.predict_proba(texts, pairs, batch_size=a.batch_size, progress=not a.quiet)
+    # every input column and row kept, in order; rows without a text get blank predictions
+    name = "label" if "label" not in df.columns else "predicted_label"
+    out = df.copy()
+    pred = pd.Series([None] * len(df), dtype=object)
+    pred.iloc[keep] = [clf.labels[i] for i in probs.argmax(-1)]
+    out[name] = pred.values
+    for j, n in enumerate(clf.labels):
+        col = pd.Series([float("nan")] * len(df))
+        col.iloc[keep] = probs[:, j].astype(np.float64).round(6)
+        out[f"p_{n}"] = col.values
     if a.output:
-        print(f"{len(rows)} predictions -> {a.output}", file=sys.stderr)
+        write_frame(out, a.output)
+        print(f"{len(keep)} predictions -> {a.output}", file=sys.stderr)
+    elif a.jsonl:
+        out.to_json(sys.stdout, orient="records", lines=True, force_ascii=False)
+    else:
+        out.to_csv(sys.stdout, index=False)
     return 0
 
 
@@ -431,10 +435,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("predict", help="label new texts with a trained run")
     r.add_argument("run")
-    r.add_argument("--input", required=True, help="CSV/TSV/JSONL file, or - for lines on stdin")
-    r.add_argument("--output", help="CSV or JSONL file (default: CSV on stdout)")
+    r.add_argument("--input", required=True,
+                   help="CSV/TSV/JSONL/Parquet/.xlsx file, or - for lines on stdin")
+    r.add_argument("--output", help="its columns plus the predicted label and probabilities, in "
+                                    "the format the suffix names (default: CSV on stdout)")
     r.add_argument("--jsonl", action="store_true", help="JSONL on stdout")
     r.add_argument("--text-col")
+    r.add_argument("--text-pair-col", help="(default: the run's, for a model trained on pairs)")
     r.add_argument("--batch-size", type=int, default=64)
     r.add_argument("--overwrite", action="store_true")
     common(r)

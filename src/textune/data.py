@@ -211,6 +211,55 @@ def read_table(path: str | Path, *, text_col: str | None = None, label_col: str 
     return Table([texts[i] for i in keep], labels, pairs, str(path))
 
 
+def read_inputs(path: str | Path, *, text_col: str | None = None, pair_col: str | None = None,
+                run_text_col: str | None = None):
+    """A file to predict on: the frame as read (every column, every row, in order), the rows
+    that have a text as a :class:`Table`, and their positions in the frame. Without
+    ``text_col``, the training run's text column (``run_text_col``) if the file has it, else
+    the usual names."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    df = _read_frame(path)
+    if len(df) == 0:
+        raise UserError(f"{path}: has no rows")
+    cols = list(df.columns)
+    if text_col is None and run_text_col in cols:
+        text_col = run_text_col
+    tcol = _pick(cols, "--text-col", text_col, TEXT_NAMES, path, True)
+    pcol = _pick(cols, "--text-pair-col", pair_col, PAIR_NAMES, path, False) if pair_col else None
+    texts = ["" if _isna(t) else str(t) for t in df[tcol].tolist()]
+    keep = [i for i, t in enumerate(texts) if t.strip()]
+    if not keep:
+        raise UserError(f"{path}: every text is empty (text column {tcol!r}); is --text-col "
+                        f"right?")
+    if len(keep) < len(texts):
+        log.warning("%s: %d rows have an empty text: their predictions are left blank", path,
+                    len(texts) - len(keep))
+    pairs = None
+    if pcol is not None:
+        pairs = ["" if _isna(v) else str(v) for v in df[pcol].iloc[keep].tolist()]
+    return df, Table([texts[i] for i in keep], None, pairs, str(path)), keep
+
+
+def write_frame(df, path: str | Path) -> None:
+    """``df`` to ``path`` in the format its suffix names: .jsonl/.json (one object a line),
+    .tsv, .parquet, .xlsx, otherwise CSV."""
+    suffix = Path(path).suffix.lower()
+    try:
+        if suffix in (".jsonl", ".json", ".ndjson"):
+            df.to_json(path, orient="records", lines=True, force_ascii=False)
+        elif suffix == ".parquet":
+            df.to_parquet(path, index=False)
+        elif suffix in (".xlsx", ".xlsm"):
+            df.to_excel(path, index=False)
+        else:
+            df.to_csv(path, sep="\t" if suffix in (".tsv", ".tab") else ",", index=False)
+    except ImportError:
+        raise UserError(f"--output {path}: writing {suffix} needs an extra package: pip install "
+                        f"{'openpyxl' if suffix.startswith('.xls') else 'pyarrow'}") from None
+
+
 def _isna(v) -> bool:
     return v is None or (isinstance(v, float) and v != v)
 

@@ -219,6 +219,10 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000,
 
     run = Path(run)
     clf = load(run)
+    if clf.config.data.text_pair_col:
+        raise UserError(f"{run}: this run classifies text pairs (column "
+                        f"{clf.config.data.text_pair_col!r}); textune serve takes single texts. "
+                        f"Use textune predict with a file holding both columns")
     app = create_app(clf, run, limits)
     log.info("serving %s on http://%s:%d  (docs: /docs)", run, host, port)
     # uvicorn stops accepting on SIGTERM / SIGINT and lets in-flight requests finish
