@@ -204,6 +204,26 @@ def test_predict_keeps_every_row_and_column(capsys, tmp_path, tiny_bert, monkeyp
         assert got["predicted_label"].isna().tolist() == [False, True, False]
         assert got["p_pos"].isna().tolist() == [False, True, False]
         assert abs(got["p_pos"][0] + got["p_neg"][0] - 1) < 1e-5
+    # a failed write (--overwrite) leaves the old file; a format that cannot be written here
+    # is refused before any work
+    dest = tmp_path / "p.csv"
+    before = dest.read_text()
+
+    def broken(self, *a, **k):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr(pd.DataFrame, "to_csv", broken)
+        with pytest.raises(OSError):
+            run_cli(capsys, "predict", str(out), "--input", str(inp), "--output", str(dest),
+                    "--overwrite", "--quiet")
+    assert dest.read_text() == before and [p.name for p in tmp_path.glob(".p.tmp*")] == []
+    import importlib.util
+
+    if importlib.util.find_spec("pyarrow") is None:
+        code, _, err = run_cli(capsys, "predict", str(out), "--input", str(inp), "--output",
+                               str(tmp_path / "p.parquet"))
+        assert code == 2 and "pyarrow" in one_line_error(err)
     # pairs are required: stdin lines (single texts) and the Python API without pairs= refuse
     monkeypatch.setattr("sys.stdin", io.StringIO("good film\n"))
     code, _, err = run_cli(capsys, "predict", str(out), "--input", "-")

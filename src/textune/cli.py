@@ -207,10 +207,12 @@ def cmd_predict(a) -> int:
     import pandas as pd
 
     from .classifier import load
-    from .data import read_inputs, write_frame
+    from .data import check_writable, read_inputs, write_frame
 
     if a.output and Path(a.output).exists() and not a.overwrite:
         raise UserError(f"--output {a.output}: exists; choose a new file or pass --overwrite")
+    if a.output:
+        check_writable(a.output)
     clf = load(a.run)
     pair_col = a.text_pair_col or clf.config.data.text_pair_col
     if a.input == "-":

@@ -242,22 +242,42 @@ def read_inputs(path: str | Path, *, text_col: str | None = None, pair_col: str 
     return df, Table([texts[i] for i in keep], None, pairs, str(path)), keep
 
 
+def _engine(suffix: str) -> str | None:
+    """The extra package writing ``suffix`` needs, if any."""
+    return {".parquet": "pyarrow", ".xlsx": "openpyxl", ".xlsm": "openpyxl"}.get(suffix)
+
+
+def check_writable(path: str | Path) -> None:
+    """Before hours of work: the format ``path`` names can be written here."""
+    engine = _engine(Path(path).suffix.lower())
+    if engine is None:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec(engine) is None:
+        raise UserError(f"--output {path}: writing {Path(path).suffix} needs {engine}: pip "
+                        f"install {engine}, or write .csv / .jsonl")
+
+
 def write_frame(df, path: str | Path) -> None:
     """``df`` to ``path`` in the format its suffix names: .jsonl/.json (one object a line),
-    .tsv, .parquet, .xlsx, otherwise CSV."""
-    suffix = Path(path).suffix.lower()
+    .tsv, .parquet, .xlsx, otherwise CSV. Written beside it and moved into place, so a failed
+    write leaves whatever was there."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
         if suffix in (".jsonl", ".json", ".ndjson"):
-            df.to_json(path, orient="records", lines=True, force_ascii=False)
+            df.to_json(tmp, orient="records", lines=True, force_ascii=False)
         elif suffix == ".parquet":
-            df.to_parquet(path, index=False)
+            df.to_parquet(tmp, index=False)
         elif suffix in (".xlsx", ".xlsm"):
-            df.to_excel(path, index=False)
+            df.to_excel(tmp, index=False)
         else:
-            df.to_csv(path, sep="\t" if suffix in (".tsv", ".tab") else ",", index=False)
-    except ImportError:
-        raise UserError(f"--output {path}: writing {suffix} needs an extra package: pip install "
-                        f"{'openpyxl' if suffix.startswith('.xls') else 'pyarrow'}") from None
+            df.to_csv(tmp, sep="\t" if suffix in (".tsv", ".tab") else ",", index=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _isna(v) -> bool:
