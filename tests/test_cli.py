@@ -235,6 +235,8 @@ def test_predict_keeps_every_row_and_column(capsys, tmp_path, tiny_bert, monkeyp
     with pytest.raises(UserError, match="pairs="):
         clf.predict(["good film"])
     assert clf.predict(["good film"], ["more film"]) in (["pos"], ["neg"])
+    code, _, err = run_cli(capsys, "serve", str(out), "--port", "0")  # refused before listening
+    assert code == 2 and "text pairs" in one_line_error(err)
 
 
 def test_real_process_exit_code(tmp_path):
