@@ -239,6 +239,26 @@ def test_predict_keeps_every_row_and_column(capsys, tmp_path, tiny_bert, monkeyp
     assert code == 2 and "text pairs" in one_line_error(err)
 
 
+def test_text_the_vocabulary_does_not_cover_is_flagged(capsys, tmp_path, tiny_bert, caplog):
+    from transformers import AutoTokenizer
+
+    from textune.data import Table, encode, unknown_share
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    known = encode(tok, Table(["good film", "bad plot"], None, None, "x"), 16)
+    assert unknown_share(known, tok) == 0.0  # ([CLS] and [SEP] are not counted)
+    half = encode(tok, Table(["good 好", "bad 坏"], None, None, "x"), 16)
+    assert unknown_share(half, tok) == 0.5
+    rows = [(f"好 {i} 的", "pos") for i in range(40)] + [(f"坏 {i} 了", "neg") for i in range(40)]
+    data = write_csv(tmp_path / "zh.csv", rows)
+    code, _, err = run_cli(capsys, "train", "--model", str(tiny_bert), "--data", str(data),
+                           "--epochs", "1", "--out", str(tmp_path / "o"), "--quiet")
+    assert code == 0, err
+    assert "of the training tokens are [UNK]" in caplog.text
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert m["unknown_token_share"] > 0.5
+
+
 def test_real_process_exit_code(tmp_path):
     r = subprocess.run([sys.executable, "-m", "textune", "eval", str(tmp_path), "--data", "x"],
                        capture_output=True, text=True)

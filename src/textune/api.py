@@ -30,6 +30,7 @@ from .data import (
     resolve_data,
     save_labels,
     split_indices,
+    unknown_share,
 )
 from .errors import UserError
 from .metrics import classification_metrics
@@ -150,6 +151,12 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
         raise UserError(f"--max-length {cfg.data.max_length}: the model takes at most {cap}")
     enc = {name: encode(tokenizer, getattr(splits, name), cfg.data.max_length,
                         cfg.data.truncation, splits.labels) for name in ("train", "val", "test")}
+    unk = unknown_share(enc["train"], tokenizer)
+    if unk > 0.05:
+        log.warning("%.0f%% of the training tokens are %s to %s: its vocabulary does not cover "
+                    "this text (another language or script?), and accuracy will suffer. Pick a "
+                    "model made for this text, or pretrain one on it: textune pretrain --init "
+                    "scratch", 100 * unk, tokenizer.unk_token, cfg.model.model)
 
     seed_everything(cfg.train.seed)
     model = build_model(cfg, len(splits.labels), src, for_training=True)
@@ -255,6 +262,7 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
         "model": cfg.model.model,
         "strategy": strategy.describe(),
         "max_length": cfg.data.max_length,
+        "unknown_token_share": round(unk, 4),
         "epochs_run": state.epoch,
         "steps": state.step,
         "best_epoch": state.best_epoch,

@@ -517,6 +517,19 @@ def tokenize(tokenizer, texts: list[str], pairs: list[str] | None, max_length: i
     return ids, (types if check[1] is not None else None)
 
 
+def unknown_share(enc: Encoded, tokenizer, rows: int = 20000) -> float:
+    """The share of the text tokens (special tokens aside) that are the tokenizer's unknown
+    token, over up to ``rows`` rows: high when the vocabulary does not cover the text's
+    language or script (minilm-l6 on Chinese reviews: 62%)."""
+    unk = tokenizer.unk_token_id
+    if unk is None or len(enc) == 0:
+        return 0.0
+    ids = np.concatenate([np.asarray(x) for x in enc.input_ids[:rows]])
+    special = np.setdiff1d(np.asarray(tokenizer.all_special_ids), [unk])
+    text = ids[~np.isin(ids, special)]
+    return float((text == unk).mean()) if len(text) else 0.0
+
+
 def encode(tokenizer, table: Table, max_length: int, truncation: str = "head",
            label_names: list[str] | None = None) -> Encoded:
     """Tokenize a table. ``truncation='head-tail'`` keeps the first quarter and the last
