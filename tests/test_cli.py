@@ -259,6 +259,24 @@ def test_text_the_vocabulary_does_not_cover_is_flagged(capsys, tmp_path, tiny_be
     assert m["unknown_token_share"] > 0.5
 
 
+def test_test_file_overlapping_training_is_flagged(capsys, tmp_path, tiny_bert, caplog):
+    from .conftest import toy_rows
+
+    rows = toy_rows(200)
+    train = write_csv(tmp_path / "train.csv", rows)
+    fresh = [(f"{t} unseen{i}", y) for i, (t, y) in enumerate(toy_rows(10, seed=7))]
+    test = write_csv(tmp_path / "test.csv", [(t.upper(), y) for t, y in rows[:10]] + fresh)
+    val = write_csv(tmp_path / "val.csv", [(f"{t} other{i}", y) for i, (t, y) in
+                                           enumerate(toy_rows(20, seed=8))])
+    code, _, err = run_cli(capsys, "train", "--model", str(tiny_bert), "--data", str(train),
+                           "--val", str(val), "--test", str(test), "--epochs", "1",
+                           "--out", str(tmp_path / "o"), "--quiet")
+    assert code == 0, err
+    assert "test.csv: 10 of its 20 texts (50%) also occur in the training data" in caplog.text
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert m["splits"]["test_in_train"] == 10 and m["splits"]["val_in_train"] == 0
+
+
 def test_real_process_exit_code(tmp_path):
     r = subprocess.run([sys.executable, "-m", "textune", "eval", str(tmp_path), "--data", "x"],
                        capture_output=True, text=True)

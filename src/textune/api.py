@@ -117,7 +117,24 @@ def load_splits(cfg: RunConfig) -> Splits:
     split = {"train": len(train), "train_before_limit": n_full, "val": len(val),
              "test": len(test), "source": "files" if (d.val or d.test) else
              f"stratified split of {d.data} (seed {cfg.train.seed})"}
+    # (the split made here keeps duplicates together; files given by the user may overlap)
+    seen = {_same_text(t, p) for t, p in zip(train.texts, train.pairs or [None] * len(train))}
+    for name, given, part in (("val", d.val, val), ("test", d.test, test)):
+        if not given:
+            continue
+        n = sum(_same_text(t, p) in seen for t, p in zip(part.texts, part.pairs or
+                                                           [None] * len(part)))
+        split[f"{name}_in_train"] = n
+        if n:
+            log.warning("%s: %d of its %d texts (%.0f%%) also occur in the training data: its "
+                        "scores overstate how the model does on new text", given, n, len(part),
+                        100 * n / len(part))
     return Splits(train, val, test, labels, split)
+
+
+def _same_text(text: str, pair: str | None) -> tuple[str, str | None]:
+    """What makes two rows the same text: case and spacing aside."""
+    return " ".join(text.lower().split()), None if pair is None else " ".join(pair.lower().split())
 
 
 def _peak_memory_mb(device: torch.device) -> float:
