@@ -61,8 +61,9 @@ def test_export_merges_lora_and_reloads_identically(tiny_bert, toy_csv, tmp_path
     assert not any("lora" in n for n, _ in plain.named_parameters())
 
 
-def test_class_weights_auto_helps_minority_class(tiny_bert, tmp_path, capsys):
+def test_class_weights_auto_helps_minority_class(tiny_bert, tmp_path, capsys, caplog):
     """On a 9:1 imbalanced set, inverse-frequency weights raise minority recall (macro-F1)."""
+    caplog.set_level("INFO", logger="textune")
     rows = toy_rows(2000, seed=3)
     pos = [r for r in rows if r[1] == "pos"][:900]
     neg = [r for r in rows if r[1] == "neg"][:100]
@@ -74,6 +75,9 @@ def test_class_weights_auto_helps_minority_class(tiny_bert, tmp_path, capsys):
                      "frozen", "--epochs", "6", "--lr", "5e-2", "--class-weights", cw, "--out",
                      str(out), "--quiet"]) == 0
         res[cw] = json.loads((out / "metrics.json").read_text())
+        hinted = "--class-weights auto also weighs" in caplog.text
+        assert hinted == (cw == "none"), cw  # the hint where the flag would help
+        caplog.clear()
     assert res["auto"]["per_class"]["neg"]["recall"] > res["none"]["per_class"]["neg"]["recall"]
     assert res["auto"]["macro_f1"] > res["none"]["macro_f1"]
 

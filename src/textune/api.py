@@ -229,8 +229,13 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
         tokenizer.save_pretrained(out / "tokenizer")
 
     class_weights = None
+    counts = np.bincount(enc["train"].labels, minlength=len(splits.labels)).astype(np.float64)
+    big, small = int(counts.argmax()), int(counts.argmin())
+    if cfg.train.class_weights != "auto" and counts[big] >= 5 * counts[small]:
+        log.info("imbalanced classes (%r: %d rows, %r: %d): macro-F1 picks the best epoch; "
+                 "--class-weights auto also weighs the loss by inverse frequency",
+                 splits.labels[big], counts[big], splits.labels[small], counts[small])
     if cfg.train.class_weights == "auto":
-        counts = np.bincount(enc["train"].labels, minlength=len(splits.labels)).astype(np.float64)
         class_weights = torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)),
                                      dtype=torch.float32)
         log.info("class weights %s", np.round(class_weights.numpy(), 3).tolist())
