@@ -167,7 +167,7 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
     elif cfg.data.max_length > cap:
         raise UserError(f"--max-length {cfg.data.max_length}: the model takes at most {cap}")
     n_texts = len(splits.train) + len(splits.val) + len(splits.test)
-    if n_texts > 50_000:  # (~27 s a million short texts on 2 cores)
+    if n_texts > 50_000:  # (~37 s a million short texts on 2 cores)
         log.info("tokenizing %s texts", f"{n_texts:,}")
     enc = {name: encode(tokenizer, getattr(splits, name), cfg.data.max_length,
                         cfg.data.truncation, splits.labels) for name in ("train", "val", "test")}
