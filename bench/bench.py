@@ -172,7 +172,7 @@ def machine() -> str:
 
 
 def bf16_cpu() -> bool:
-    from textune.train import native_bf16
+    from textune.loop import native_bf16
 
     return not torch.cuda.is_available() and native_bf16("cpu")
 

@@ -124,7 +124,7 @@ def _encoded(seqs, labels):
 
 def _fit(model, data, batch, lr, compile_=False, tokens=0):
     from textune.config import TrainArgs
-    from textune.train import build_accelerator, fit
+    from textune.loop import build_accelerator, fit
 
     acc = build_accelerator("bf16" if DEV == "cuda" else "fp32")
     args = TrainArgs(epochs=1, batch_size=batch, lr=lr, warmup_ratio=0.0, compile=compile_,
@@ -342,7 +342,7 @@ def frozen_textune():
     sync()
     t_feat = time.perf_counter() - t
     from textune.config import TrainArgs
-    from textune.train import build_accelerator, fit
+    from textune.loop import build_accelerator, fit
 
     acc = build_accelerator("bf16" if DEV == "cuda" else "fp32")
     args = TrainArgs(epochs=5, batch_size=32, lr=1e-3, log_every=10**9)
@@ -410,7 +410,7 @@ def infer_shapes():
     """The batch shapes GPU predict meets on the benchmark's texts (warm-up on the first 3,000,
     then all 4,096, as infer_textune), for each width rounding: the real chunked code path with
     a stand-in model that only records shapes, so it runs on any machine (no GPU needed)."""
-    from textune import train as train_mod
+    from textune import loop as train_mod
     from textune.classifier import Classifier
     from textune.config import RunConfig
 
@@ -456,8 +456,8 @@ def infer_batch_times():
     from transformers import BertModel
 
     from textune.data import Encoded
+    from textune.loop import inference_batches, inference_outputs, inference_pad
     from textune.modeling import TextClassifier
-    from textune.train import inference_batches, inference_outputs, inference_pad
 
     tok, _, texts = infer_setup()
     cfg, *_ = bert_setup()
@@ -591,7 +591,7 @@ def features_profile():
     """compute_features on the frozen row's data: token budgets, and the kernels' share."""
     from transformers import BertModel
 
-    import textune.train as T
+    import textune.loop as T
     from textune.api import compute_features
     from textune.config import RunConfig
     from textune.modeling import TextClassifier
@@ -631,8 +631,8 @@ def head_variants():
     from torch import nn
 
     from textune.config import TrainArgs
+    from textune.loop import FeatureData, build_accelerator, fit
     from textune.modeling import ClassifierHead
-    from textune.train import FeatureData, build_accelerator, fit
 
     n, h = 8192, 768
     x = torch.randn(n, h, device=DEV)
@@ -723,8 +723,8 @@ def infer_profile():
 
     from textune.classifier import Classifier
     from textune.config import RunConfig
+    from textune.loop import predict_logits
     from textune.modeling import TextClassifier
-    from textune.train import predict_logits
 
     tok, _, texts = infer_setup()
     cfg, *_ = bert_setup()

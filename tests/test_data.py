@@ -215,7 +215,7 @@ def test_gpu_inference_batches_use_token_budgets_and_few_shapes(monkeypatch):
     import torch
 
     from textune.data import Encoded
-    from textune.train import INFER_TOKENS, inference_batches, inference_pad
+    from textune.loop import INFER_TOKENS, inference_batches, inference_pad
 
     rng = np.random.default_rng(0)
     data = Encoded([np.ones(int(n), dtype=np.int64) for n in rng.integers(5, 512, 3000)], None,
@@ -251,7 +251,7 @@ def test_width_ladder_pads_little_and_has_few_rungs():
 
 
 def test_short_gpu_batches_are_filled_to_a_power_of_two():
-    from textune.train import INFER_TOKENS, inference_rows
+    from textune.loop import INFER_TOKENS, inference_rows
 
     assert [inference_rows(n, 512, 64) for n in (1, 3, 5, 33, 64)] == [1, 4, 8, 64, 64]
     assert inference_rows(300, 64, 64) == 512  # 8 x 64 rows of 64 tokens fill the budget

@@ -133,7 +133,7 @@ def test_last_token_pooling_left_and_right_padding():
 
 def test_resume_after_interruption_matches_uninterrupted(tiny_bert, toy_csv, tmp_path,
                                                          monkeypatch):
-    import textune.train as loop
+    import textune.loop as loop
 
     ref = train(config(tiny_bert, toy_csv, tmp_path / "ref", epochs=2, lr=1e-3, save_every=3),
                 progress=False)
@@ -189,7 +189,7 @@ def test_gpu_chunked_prediction_equals_one_pass(tiny_bert, toy_csv, tmp_path, mo
     for the next; token budgets, ladder widths, short batches filled up to a power of two) gives
     the logits of a plain pass in the same order; run here on CPU with small chunks."""
     from textune import classifier
-    from textune import train as train_mod
+    from textune import loop as train_mod
     from textune.data import LADDER, padded_width
 
     out = tmp_path / "r"
@@ -230,7 +230,7 @@ def test_cuda_graph_head_steps_match_ordinary_steps(tiny_bert, toy_csv, tmp_path
     ordinary step trains (no dropout, so both runs see the same arithmetic)."""
     from safetensors.torch import load_file
 
-    from textune import train as T
+    from textune import loop as T
 
     built = []
     orig = T.GraphedStep.build
@@ -292,3 +292,21 @@ def test_backbone_dropout_reaches_the_trained_model(tiny_bert, toy_csv, tmp_path
     assert cfg.model.backbone_dropout == 0.0 and calls == [0.0]  # set once, for training
     assert main(["train", "--model", str(tiny_bert), "--data", str(toy_csv),
                  "--backbone-dropout", "1.5", "--out", str(tmp_path / "e")]) == 2
+
+
+def test_fit_from_python(tiny_bert, toy_csv, tmp_path):
+    import textune
+    from textune.errors import UserError
+
+    lr, epochs = RECIPE["full"]
+    clf = textune.fit(toy_csv, tmp_path / "run", model=tiny_bert, epochs=epochs, lr=lr,
+                      batch_size=16, max_length=32, seed=0)
+    assert clf.metrics["accuracy"] >= 0.9 and clf.config.train.epochs == epochs
+    assert len(clf.predict(["good film"])) == 1
+    assert textune.train is textune.api.train  # (the function, every time: not the loop module)
+    assert textune.train is textune.api.train
+    with pytest.raises(UserError, match="epoch=: not a textune option"):
+        textune.fit(toy_csv, tmp_path / "other", model=tiny_bert, epoch=1)
+    again = textune.fit(toy_csv, tmp_path / "run", model=tiny_bert, strategy="frozen", epochs=1,
+                        batch_size="auto", overwrite=True, progress=False)
+    assert again.config.strategy.name == "frozen" and again.metrics["strategy"]

@@ -1,6 +1,6 @@
 import math
 
-from textune.train import lr_factor
+from textune.loop import lr_factor
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -26,7 +26,7 @@ def test_global_batches_give_every_process_a_row():
     import numpy as np
 
     from textune.config import TrainArgs
-    from textune.train import _global_batches
+    from textune.loop import _global_batches
 
     lengths = np.random.default_rng(0).integers(5, 400, size=3009)
     data = type("D", (), {"lengths": lengths, "__len__": lambda self: len(lengths)})()

@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):  # lazy: `import textune` stays fast, the CLI's --help too
-    if name in ("train", "evaluate_run"):
+    if name in ("fit", "train", "evaluate_run"):
         from . import api
 
         return getattr(api, name)
@@ -19,4 +19,4 @@ def __getattr__(name):  # lazy: `import textune` stays fast, the CLI's --help to
     raise AttributeError(name)
 
 
-__all__ = ["train", "evaluate_run", "load", "Classifier", "RunConfig", "__version__"]
+__all__ = ["fit", "train", "evaluate_run", "load", "Classifier", "RunConfig", "__version__"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, loop
 from .classifier import Classifier, build_model, load
 from .config import RunConfig
 from .data import (
@@ -33,18 +33,17 @@ from .data import (
     unknown_share,
 )
 from .errors import UserError
-from .metrics import classification_metrics
-from .modeling import count_params, load_tokenizer, resolve_model
-from .strategies import get_strategy
-from .train import (
+from .loop import (
     CKPT,
     FeatureData,
     amp_dtype,
     build_accelerator,
-    fit,
     predict_logits,
     resolve_precision,
 )
+from .metrics import classification_metrics
+from .modeling import count_params, load_tokenizer, resolve_model
+from .strategies import get_strategy
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +195,7 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
         # token budgets change the rows per step: scale the default learning rate by the square
         # root of the ratio to --batch-size (measured on rt-polarity: 4x rows at 2x lr matched
         # Trainer's accuracy with 32 rows, at the same lr it fell 2.7 points; docs/BENCHMARKS.md)
-        from .train import _global_batches
+        from .loop import _global_batches
 
         batches = _global_batches(enc["train"], cfg.train, 0, 1, cfg.train.padding_multiple(
             "cuda" if torch.cuda.is_available() else "cpu"))
@@ -257,7 +256,7 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
 
     best_state: dict[str, torch.Tensor] = {}
 
-    def on_best() -> None:  # `model` shares its parameters with whatever fit() wraps it in
+    def on_best() -> None:  # `model` shares its parameters with whatever loop.fit() wraps it in
         best_state.clear()
         best_state.update({n: p.detach().cpu().clone() for n, p in model.named_parameters()
                            if p.requires_grad})
@@ -267,7 +266,7 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
     def evaluate(logits: np.ndarray) -> dict:
         return classification_metrics(val_data.labels, logits, splits.labels)
 
-    state = fit(model, train_data, val_data, cfg.train, lr=lr, accelerator=accelerator,
+    state = loop.fit(model, train_data, val_data, cfg.train, lr=lr, accelerator=accelerator,
                 run_dir=out, evaluate=evaluate, on_best=on_best, class_weights=class_weights,
                 progress=progress, resume=resume)
     model = accelerator.unwrap_model(model)
@@ -357,7 +356,7 @@ def auto_batch_size(model, data: Encoded, cfg: RunConfig, accelerator, strategy:
             if plan.free is None or plan.total < 0.8 * plan.free:
                 return b
         return 1
-    from .train import amp_dtype
+    from .loop import amp_dtype
 
     model.to(device).train()
     longest = np.argsort(-data.lengths)
@@ -397,6 +396,19 @@ def resolve_model_key(spec: str) -> str:
     return str(p.resolve())
 
 
+def fit(data: str | Path, out: str | Path, *, overwrite: bool = False, progress: bool = True,
+        **options) -> Classifier:
+    """``textune train`` from Python: fine-tune on ``data`` (a file or catalog name), write the
+    run folder ``out``, and return the trained classifier (its test metrics in ``.metrics``).
+    ``options`` are the command's flags with underscores: ``model="minilm-l6"``,
+    ``strategy="lora"``, ``epochs=3``, ``batch_size=32``, ``max_length=128``, ``lr=...``, ..."""
+    cfg = RunConfig.from_options(data=data, out=out, **options)
+    if overwrite:
+        prepare_out_dir(cfg.out, True)
+    train(cfg, progress=progress)
+    return load(cfg.out)
+
+
 def _rebuild_for_load(cfg, splits, strategy, out):
     saved = strategy.saved_backbone(out)
     return build_model(cfg, len(splits.labels), str(saved) if saved else None)
@@ -415,7 +427,7 @@ def saved_bytes(run: Path) -> int:
 def compute_features(model, data: Encoded, cfg: RunConfig, device, amp, progress) -> FeatureData:
     """Backbone features for every row, once: inference mode, length-sorted batches (token
     budgets on a GPU), written into one tensor that stays on the GPU unless it is huge."""
-    from .train import inference_batches, inference_outputs
+    from .loop import inference_batches, inference_outputs
 
     model.eval()
     keep = device if device.type == "cuda" and len(data) * model.hidden_size * 4 < 2**31 \
@@ -485,4 +497,4 @@ def _data_key(spec: str | None) -> str | None:
     return str(p.resolve()) if p.exists() else spec
 
 
-__all__ = ["train", "evaluate_run", "load", "load_splits", "prepare_out_dir"]
+__all__ = ["fit", "train", "evaluate_run", "load", "load_splits", "prepare_out_dir"]

@@ -11,10 +11,10 @@ import torch
 from .config import RunConfig
 from .data import Encoded, Table, encode
 from .errors import UserError
+from .loop import predict_logits
 from .metrics import classification_metrics, softmax
 from .modeling import TextClassifier, load_backbone, load_tokenizer, resolve_model, set_dropout
 from .strategies import get_strategy
-from .train import predict_logits
 
 
 def weights_dtype(cfg: RunConfig, for_training: bool = True) -> torch.dtype:
@@ -54,6 +54,8 @@ class Classifier:
         self.labels = labels
         self.config = config
         self.device = torch.device(device)
+        self.metrics: dict | None = None
+        """The run's test metrics (its metrics.json), when loaded from a finished run."""
 
     def encode(self, texts: list[str], pairs: list[str] | None = None) -> Encoded:
         return encode(self.tokenizer, Table(list(texts), None, pairs, "input"),
@@ -76,7 +78,7 @@ class Classifier:
     def _amp(self) -> torch.dtype | None:
         """The run's precision, where this device does it natively (so reloaded predictions
         match the metrics written at training time)."""
-        from .train import native_bf16
+        from .loop import native_bf16
 
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.train.precision)
         if amp is torch.bfloat16 and not native_bf16(self.device.type):
@@ -94,7 +96,7 @@ class Classifier:
 
         from tqdm.auto import tqdm
 
-        from .train import inference_batches
+        from .loop import inference_batches
 
         order = np.argsort([-len(t) for t in texts], kind="stable")
         chunks = [order[i:i + self.CHUNK] for i in range(0, len(order), self.CHUNK)]
@@ -166,4 +168,7 @@ def load(run_dir: str | Path, device: str | None = None) -> Classifier:
                         f"not finish, or files were removed") from None
     tokenizer = load_tokenizer(str(run / "tokenizer"))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return Classifier(model, tokenizer, labels, cfg, device)
+    clf = Classifier(model, tokenizer, labels, cfg, device)
+    if (run / "metrics.json").exists():
+        clf.metrics = json.loads((run / "metrics.json").read_text())
+    return clf

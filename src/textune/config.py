@@ -171,6 +171,28 @@ class RunConfig:
         return asdict(self)
 
     @classmethod
+    def from_options(cls, **options) -> RunConfig:
+        """Keyword arguments named as ``textune train``'s flags (``batch_size`` for
+        ``--batch-size``) -> a RunConfig; ``strategy`` names the strategy, paths may be Paths,
+        ``batch_size="auto"`` is 0."""
+        groups = {"data": DataArgs, "model": ModelArgs, "strategy": StrategyArgs,
+                  "train": TrainArgs}
+        names = {g: {f.name for f in fields(c)} for g, c in groups.items()}
+        kw: dict[str, dict] = {g: {} for g in groups}
+        out = options.pop("out", "")
+        if "strategy" in options:
+            kw["strategy"]["name"] = options.pop("strategy")
+        if options.get("batch_size") == "auto":
+            options["batch_size"] = 0
+        for key, value in options.items():
+            group = next((g for g in groups if key in names[g]), None)
+            if group is None:
+                known = sorted(set().union(*names.values()) - {"name"} | {"strategy", "out"})
+                raise UserError(f"{key}=: not a textune option; options: {', '.join(known)}")
+            kw[group][key] = str(value) if isinstance(value, Path) else value
+        return cls(out=str(out), **{g: c(**kw[g]) for g, c in groups.items()})
+
+    @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
         groups = {f.name: f.type for f in fields(cls)}
         unknown = set(d) - set(groups)

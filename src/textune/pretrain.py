@@ -1,6 +1,6 @@
 """Continued pretraining of an encoder on raw text: masked LM, optionally with next-sentence
 prediction, from a checkpoint or from scratch (a WordPiece vocabulary learned from the corpus and
-a small BERT). Runs on the same loop as ``train`` (:func:`textune.train.fit`).
+a small BERT). Runs on the same loop as ``train`` (:func:`textune.loop.fit`).
 
 Corpus -> streamed documents (one per file, or per blank-line-separated block) -> sentences ->
 token ids in a memory-mapped cache (``tokens.bin`` + sentence / document boundaries), built once
@@ -636,8 +636,8 @@ def pretrain(a: PretrainArgs, *, progress: bool = True, resume: bool = False,
     from . import hub
     from .api import _peak_memory_mb, prepare_out_dir, seed_everything
     from .config import TrainArgs
+    from .loop import amp_dtype, build_accelerator, fit, resolve_precision
     from .modeling import load_tokenizer, resolve_model
-    from .train import amp_dtype, build_accelerator, fit, resolve_precision
 
     if a.objective not in ("mlm", "mlm+nsp"):
         raise UserError(f"--objective {a.objective}: choose mlm or mlm+nsp")
@@ -753,7 +753,7 @@ def pretrain(a: PretrainArgs, *, progress: bool = True, resume: bool = False,
             metrics["eval_nsp_accuracy_before"] = round(before.get("nsp_accuracy", 0.0), 4)
             metrics["eval_nsp_accuracy"] = round(after.get("nsp_accuracy", 0.0), 4)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
-        from .train import CKPT
+        from .loop import CKPT
 
         shutil.rmtree(out / CKPT, ignore_errors=True)
     return metrics

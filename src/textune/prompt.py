@@ -369,7 +369,7 @@ def run_prompt(a: PromptArgs, *, progress: bool = True, overwrite: bool = False)
     log.info("prompt: %d %s texts, %d labels (%s), %d demonstrations, prefix %d tokens, chat %s",
              len(ev), a.split, len(names), ", ".join(verbalizers), len(demos), len(parts.prefix),
              "on" if chat else "off")
-    from .train import native_bf16
+    from .loop import native_bf16
 
     scorer = PromptScorer(model, tok, device,
                           torch.bfloat16 if native_bf16(device.type) else None)
