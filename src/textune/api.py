@@ -267,8 +267,8 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
         return classification_metrics(val_data.labels, logits, splits.labels)
 
     state = loop.fit(model, train_data, val_data, cfg.train, lr=lr, accelerator=accelerator,
-                run_dir=out, evaluate=evaluate, on_best=on_best, class_weights=class_weights,
-                progress=progress, resume=resume)
+                     run_dir=out, evaluate=evaluate, on_best=on_best,
+                     class_weights=class_weights, progress=progress, resume=resume)
     model = accelerator.unwrap_model(model)
     if best_state:
         model.load_state_dict(best_state, strict=False)
