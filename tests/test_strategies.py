@@ -310,3 +310,12 @@ def test_fit_from_python(tiny_bert, toy_csv, tmp_path):
     again = textune.fit(toy_csv, tmp_path / "run", model=tiny_bert, strategy="frozen", epochs=1,
                         batch_size="auto", overwrite=True, progress=False)
     assert again.config.strategy.name == "frozen" and again.metrics["strategy"]
+
+
+def test_fit_defaults_are_the_cli_defaults():
+    from textune.cli import build_parser, config_from_args
+    from textune.config import RunConfig
+
+    a = build_parser().parse_args(["train", "--data", "x", "--out", "o"])
+    assert config_from_args(a, a.strategy).to_dict() == \
+        RunConfig.from_options(data="x", out="o").to_dict()
