@@ -257,6 +257,7 @@ def test_text_the_vocabulary_does_not_cover_is_flagged(capsys, tmp_path, tiny_be
     assert "of the training tokens are [UNK]" in caplog.text
     m = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert m["unknown_token_share"] > 0.5
+    assert "were unknown to the tokenizer" in (tmp_path / "o" / "report.html").read_text()
 
 
 def test_test_file_overlapping_training_is_flagged(capsys, tmp_path, tiny_bert, caplog):
@@ -275,6 +276,8 @@ def test_test_file_overlapping_training_is_flagged(capsys, tmp_path, tiny_bert, 
     assert "test.csv: 10 of its 20 texts (50%) also occur in the training data" in caplog.text
     m = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert m["splits"]["test_in_train"] == 10 and m["splits"]["val_in_train"] == 0
+    report = (tmp_path / "o" / "report.html").read_text()
+    assert "Caveats" in report and "10 of the 20 test texts also occur" in report
 
 
 def test_real_process_exit_code(tmp_path):

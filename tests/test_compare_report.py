@@ -38,6 +38,7 @@ def test_every_run_has_a_report_with_embedded_plots(tiny_bert, toy_csv, tmp_path
     for png in ("loss_lr.png", "validation.png", "confusion_matrix.png", "per_class_f1.png"):
         assert (out / png).stat().st_size > 3000
     assert "http" not in html.replace("http-equiv", "")  # self-contained
+    assert "Caveats" not in html  # (a clean run has none)
     (out / "report.html").unlink()
     assert main(["report", str(out)]) == 0 and (out / "report.html").exists()
     assert main(["eval", str(out), "--data", str(toy_csv), "--out", str(tmp_path / "ev"),

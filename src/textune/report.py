@@ -112,6 +112,22 @@ def _table(rows: list[list], header: list[str]) -> str:
     return f"<table><tr>{h}</tr>{body}</table>"
 
 
+def caveats(metrics: dict) -> list[str]:
+    """What makes a run's numbers less than they seem, from its metrics.json."""
+    out = []
+    unk = metrics.get("unknown_token_share") or 0
+    if unk > 0.05:
+        out.append(f"{unk:.0%} of the training tokens were unknown to the tokenizer: the "
+                   f"model's vocabulary does not cover this text (another language or script?)")
+    splits = metrics.get("splits") or {}
+    for part in ("test", "val"):
+        n = splits.get(f"{part}_in_train")
+        if n:
+            out.append(f"{n} of the {splits.get(part)} {part} texts also occur in the training "
+                       f"data: the scores overstate how the model does on new text")
+    return out
+
+
 def write_report(folder: str | Path, metrics: dict | None = None, title: str | None = None) -> Path:
     """Build PNGs and ``report.html`` for a run (train) or an eval folder."""
     folder = Path(folder)
@@ -138,7 +154,10 @@ def write_report(folder: str | Path, metrics: dict | None = None, title: str | N
                             (f"{v:,}" if isinstance(v, int) else v)])
     per_class = [[n, f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", c["support"]]
                  for n, c in metrics["per_class"].items()]
+    warn = caveats(metrics)
     parts = [f"<h1>{html.escape(title or 'textune report: ' + folder.name)}</h1>",
+             *(["<h2>Caveats</h2><ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in warn)
+                + "</ul>"] if warn else []),
              _table(summary, ["", "value"]), "<h2>Per class</h2>",
              _table(per_class, ["class", "precision", "recall", "F1", "support"]),
              "<h2>Plots</h2>", *(_img(p) for p in images)]
