@@ -280,6 +280,24 @@ def test_test_file_overlapping_training_is_flagged(capsys, tmp_path, tiny_bert, 
     assert "Caveats" in report and "10 of the 20 test texts also occur" in report
 
 
+def test_predict_txt_is_one_text_per_line(capsys, tmp_path, tiny_bert, toy_csv):
+    out = tmp_path / "run"
+    assert run_cli(capsys, "train", "--model", str(tiny_bert), "--data", str(toy_csv),
+                   "--epochs", "1", "--out", str(out), "--quiet")[0] == 0
+    (tmp_path / "lines.txt").write_text("good film, really\n\nawful plot\n")
+    code, stdout, err = run_cli(capsys, "predict", str(out), "--input",
+                                str(tmp_path / "lines.txt"), "--quiet")
+    assert code == 0, err
+    rows = stdout.splitlines()
+    assert rows[0].startswith("text,label,") and len(rows) == 4  # header + 3 lines, one blank
+    assert rows[1].startswith('"good film, really",') and rows[2].startswith(",,")
+    # a .txt with a header naming the text column is a table, as before
+    (tmp_path / "table.txt").write_text("id\ttext\n1\tgood film\n")
+    code, stdout, err = run_cli(capsys, "predict", str(out), "--input",
+                                str(tmp_path / "table.txt"), "--quiet")
+    assert code == 0 and stdout.splitlines()[0].startswith("id,text,label"), err
+
+
 def test_real_process_exit_code(tmp_path):
     r = subprocess.run([sys.executable, "-m", "textune", "eval", str(tmp_path), "--data", "x"],
                        capture_output=True, text=True)

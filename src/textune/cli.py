@@ -438,7 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("predict", help="label new texts with a trained run")
     r.add_argument("run")
     r.add_argument("--input", required=True,
-                   help="CSV/TSV/JSONL/Parquet/.xlsx file, or - for lines on stdin")
+                   help="CSV/TSV/JSONL/Parquet/.xlsx file, a .txt of one text per line, or - "
+                        "for lines on stdin")
     r.add_argument("--output", help="its columns plus the predicted label and probabilities, in "
                                     "the format the suffix names (default: CSV on stdout)")
     r.add_argument("--jsonl", action="store_true", help="JSONL on stdout")

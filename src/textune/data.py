@@ -220,7 +220,9 @@ def read_inputs(path: str | Path, *, text_col: str | None = None, pair_col: str 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
-    df = _read_frame(path)
+    df = _lines(path) if text_col is None else None
+    if df is None:
+        df = _read_frame(path)
     if len(df) == 0:
         raise UserError(f"{path}: has no rows")
     cols = list(df.columns)
@@ -257,6 +259,26 @@ def check_writable(path: str | Path) -> None:
     if importlib.util.find_spec(engine) is None:
         raise UserError(f"--output {path}: writing {Path(path).suffix} needs {engine}: pip "
                         f"install {engine}, or write .csv / .jsonl")
+
+
+def _lines(path: Path):
+    """A ``.txt`` file whose first line is not a header naming a text column: one text per line
+    (as ``--input -`` reads), in a frame with a ``text`` column. Anything else: None."""
+    if path.suffix.lower() != ".txt":
+        return None
+    import pandas as pd
+
+    raw = path.read_bytes()
+    try:
+        lines = raw.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}: not valid UTF-8 at line {line}; re-save it as UTF-8") from None
+    header = lines[0] if lines else ""
+    sep = _separator(header.encode(), ",")
+    if any(f.strip().strip('"').lower() in TEXT_NAMES for f in header.split(sep)):
+        return None
+    return pd.DataFrame({"text": lines})
 
 
 def write_frame(df, path: str | Path) -> None:
