@@ -220,7 +220,7 @@ def read_inputs(path: str | Path, *, text_col: str | None = None, pair_col: str 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
-    df = _lines(path) if text_col is None else None
+    df = _lines(path, run_text_col) if text_col is None else None
     if df is None:
         df = _read_frame(path)
     if len(df) == 0:
@@ -261,9 +261,9 @@ def check_writable(path: str | Path) -> None:
                         f"install {engine}, or write .csv / .jsonl")
 
 
-def _lines(path: Path):
-    """A ``.txt`` file whose first line is not a header naming a text column: one text per line
-    (as ``--input -`` reads), in a frame with a ``text`` column. Anything else: None."""
+def _lines(path: Path, run_text_col: str | None = None):
+    """A ``.txt`` file whose first line is not a header naming a text column (one of the usual
+    names, or the run's): one text per line, in a frame with a ``text`` column. Else None."""
     if path.suffix.lower() != ".txt":
         return None
     import pandas as pd
@@ -276,7 +276,8 @@ def _lines(path: Path):
         raise UserError(f"{path}: not valid UTF-8 at line {line}; re-save it as UTF-8") from None
     header = lines[0] if lines else ""
     sep = _separator(header.encode(), ",")
-    if any(f.strip().strip('"').lower() in TEXT_NAMES for f in header.split(sep)):
+    names = {*TEXT_NAMES, (run_text_col or "").lower()} - {""}
+    if any(f.strip().strip('"').lower() in names for f in header.split(sep)):
         return None
     return pd.DataFrame({"text": lines})
 
