@@ -19,6 +19,7 @@ from . import __version__, loop
 from .classifier import Classifier, build_model, load
 from .config import RunConfig
 from .data import (
+    UNKNOWN_WARN,
     Encoded,
     Table,
     build_label_names,
@@ -171,7 +172,7 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
     enc = {name: encode(tokenizer, getattr(splits, name), cfg.data.max_length,
                         cfg.data.truncation, splits.labels) for name in ("train", "val", "test")}
     unk = unknown_share(enc["train"], tokenizer)
-    if unk > 0.05:
+    if unk > UNKNOWN_WARN:
         log.warning("%.0f%% of the training tokens are %s to %s: its vocabulary does not cover "
                     "this text (another language or script?), and accuracy will suffer. Pick a "
                     "model made for this text, or pretrain one on it: textune pretrain --init "

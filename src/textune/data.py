@@ -96,23 +96,27 @@ def _read_frame(path: Path):
             except pd.errors.ParserWarning:
                 raise UserError(_ragged(path, sep)) from None
     except UnicodeDecodeError:
-        raw = path.read_bytes()
-        try:
-            raw.decode("utf-8")
-            where = ""
-        except UnicodeDecodeError as e:
-            line = raw.count(b"\n", 0, e.start) + 1
-            where = f" at line {line}"
-        raise UserError(f"{path}: not valid UTF-8{where}; re-save it as UTF-8 (it may be "
-                        f"Latin-1 or Windows-1252)") from None
+        raise _not_utf8(path, path.read_bytes()) from None
     except UserError:
         raise
     except ImportError:
         raise UserError(f"{path}: reading {suffix} needs an extra package: pip install "
-                        f"{'openpyxl' if suffix.startswith('.xls') else 'pyarrow'}") from None
+                        f"{_engine(suffix)}") from None
     except Exception as e:  # pandas' parser errors name the line
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: could not be parsed as {suffix or 'CSV'} ({msg})") from None
+
+
+def _not_utf8(path: Path, raw: bytes) -> UserError:
+    """The error for a file that is not UTF-8, naming the line of its first bad byte."""
+    try:
+        raw.decode("utf-8")
+        where = ""
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        where = f" at line {line}"
+    return UserError(f"{path}: not valid UTF-8{where}; re-save it as UTF-8 (it may be Latin-1 "
+                     f"or Windows-1252)")
 
 
 def _separator(header: bytes, default: str) -> str:
@@ -170,6 +174,23 @@ def _where(path: Path, i: int) -> str:
     return f"line {i + 2}"  # (after the header; a quoted field spanning lines shifts this)
 
 
+def _frame(path: Path, df=None):
+    """``path`` read as a frame (``df`` if already read), or the error that it is missing or
+    empty."""
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    if df is None:
+        df = _read_frame(path)
+    if len(df) == 0:
+        raise UserError(f"{path}: has no rows")
+    return df
+
+
+def _strings(column) -> list[str]:
+    """A frame column as strings, missing values as ``""``."""
+    return ["" if _isna(v) else str(v) for v in column.tolist()]
+
+
 def read_table(path: str | Path, *, text_col: str | None = None, label_col: str | None = None,
                pair_col: str | None = None, require_labels: bool = True) -> Table:
     """Read CSV / TSV / JSONL / Parquet into a :class:`Table`.
@@ -178,16 +199,12 @@ def read_table(path: str | Path, *, text_col: str | None = None, label_col: str 
     an error.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    df = _read_frame(path)
+    df = _frame(path)
     cols = list(df.columns)
-    if len(df) == 0:
-        raise UserError(f"{path}: has no rows")
     tcol = _pick(cols, "--text-col", text_col, TEXT_NAMES, path, True)
     lcol = _pick(cols, "--label-col", label_col, LABEL_NAMES, path, require_labels)
     pcol = _pick(cols, "--text-pair-col", pair_col, PAIR_NAMES, path, False) if pair_col else None
-    texts = ["" if _isna(t) else str(t) for t in df[tcol].tolist()]
+    texts = _strings(df[tcol])
     keep = [i for i, t in enumerate(texts) if t.strip()]
     labels = None
     if lcol is not None:
@@ -207,7 +224,7 @@ def read_table(path: str | Path, *, text_col: str | None = None, label_col: str 
                         f"label (text column {tcol!r}); is --text-col right?")
     pairs = None
     if pcol is not None:
-        pairs = ["" if _isna(df[pcol].iloc[i]) else str(df[pcol].iloc[i]) for i in keep]
+        pairs = _strings(df[pcol].iloc[keep])
     return Table([texts[i] for i in keep], labels, pairs, str(path))
 
 
@@ -218,19 +235,14 @@ def read_inputs(path: str | Path, *, text_col: str | None = None, pair_col: str 
     ``text_col``, the training run's text column (``run_text_col``) if the file has it, else
     the usual names."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    df = _lines(path, run_text_col) if text_col is None else None
-    if df is None:
-        df = _read_frame(path)
-    if len(df) == 0:
-        raise UserError(f"{path}: has no rows")
+    lines = _lines(path, run_text_col) if text_col is None and path.is_file() else None
+    df = _frame(path, lines)
     cols = list(df.columns)
     if text_col is None and run_text_col in cols:
         text_col = run_text_col
     tcol = _pick(cols, "--text-col", text_col, TEXT_NAMES, path, True)
     pcol = _pick(cols, "--text-pair-col", pair_col, PAIR_NAMES, path, False) if pair_col else None
-    texts = ["" if _isna(t) else str(t) for t in df[tcol].tolist()]
+    texts = _strings(df[tcol])
     keep = [i for i, t in enumerate(texts) if t.strip()]
     if not keep:
         raise UserError(f"{path}: every text is empty (text column {tcol!r}); is --text-col "
@@ -240,7 +252,7 @@ def read_inputs(path: str | Path, *, text_col: str | None = None, pair_col: str 
                     len(texts) - len(keep))
     pairs = None
     if pcol is not None:
-        pairs = ["" if _isna(v) else str(v) for v in df[pcol].iloc[keep].tolist()]
+        pairs = _strings(df[pcol].iloc[keep])
     return df, Table([texts[i] for i in keep], None, pairs, str(path)), keep
 
 
@@ -271,9 +283,8 @@ def _lines(path: Path, run_text_col: str | None = None):
     raw = path.read_bytes()
     try:
         lines = raw.decode("utf-8-sig").splitlines()
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise UserError(f"{path}: not valid UTF-8 at line {line}; re-save it as UTF-8") from None
+    except UnicodeDecodeError:
+        raise _not_utf8(path, raw) from None
     header = lines[0] if lines else ""
     sep = _separator(header.encode(), ",")
     names = {*TEXT_NAMES, (run_text_col or "").lower()} - {""}
@@ -538,6 +549,10 @@ def tokenize(tokenizer, texts: list[str], pairs: list[str] | None, max_length: i
         log.debug("fast tokenization differs from the Hugging Face call: using the latter")
         return hf(texts, pairs)
     return ids, (types if check[1] is not None else None)
+
+
+UNKNOWN_WARN = 0.05
+"""Above this share of unknown tokens, ``train`` warns and the report says so."""
 
 
 def unknown_share(enc: Encoded, tokenizer, rows: int = 20000) -> float:

@@ -114,9 +114,11 @@ def _table(rows: list[list], header: list[str]) -> str:
 
 def caveats(metrics: dict) -> list[str]:
     """What makes a run's numbers less than they seem, from its metrics.json."""
+    from .data import UNKNOWN_WARN
+
     out = []
     unk = metrics.get("unknown_token_share") or 0
-    if unk > 0.05:
+    if unk > UNKNOWN_WARN:
         out.append(f"{unk:.0%} of the training tokens were unknown to the tokenizer: the "
                    f"model's vocabulary does not cover this text (another language or script?)")
     splits = metrics.get("splits") or {}
