@@ -109,6 +109,10 @@ class TrainArgs:
         return self.pad_multiple or (1 if device_type == "cpu" else 8)
 
 
+_GROUPS = {"data": DataArgs, "model": ModelArgs, "strategy": StrategyArgs, "train": TrainArgs}
+"""RunConfig's option groups, by field name."""
+
+
 @dataclass
 class RunConfig:
     data: DataArgs = field(default_factory=DataArgs)
@@ -175,22 +179,20 @@ class RunConfig:
         """Keyword arguments named as ``textune train``'s flags (``batch_size`` for
         ``--batch-size``) -> a RunConfig; ``strategy`` names the strategy, paths may be Paths,
         ``batch_size="auto"`` is 0."""
-        groups = {"data": DataArgs, "model": ModelArgs, "strategy": StrategyArgs,
-                  "train": TrainArgs}
-        names = {g: {f.name for f in fields(c)} for g, c in groups.items()}
-        kw: dict[str, dict] = {g: {} for g in groups}
+        names = {g: {f.name for f in fields(c)} for g, c in _GROUPS.items()}
+        kw: dict[str, dict] = {g: {} for g in _GROUPS}
         out = options.pop("out", "")
         if "strategy" in options:
             kw["strategy"]["name"] = options.pop("strategy")
         if options.get("batch_size") == "auto":
             options["batch_size"] = 0
         for key, value in options.items():
-            group = next((g for g in groups if key in names[g]), None)
+            group = next((g for g in _GROUPS if key in names[g]), None)
             if group is None:
                 known = sorted(set().union(*names.values()) - {"name"} | {"strategy", "out"})
                 raise UserError(f"{key}=: not a textune option; options: {', '.join(known)}")
             kw[group][key] = str(value) if isinstance(value, Path) else value
-        return cls(out=str(out), **{g: c(**kw[g]) for g, c in groups.items()})
+        return cls(out=str(out), **{g: c(**kw[g]) for g, c in _GROUPS.items()})
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
@@ -199,8 +201,7 @@ class RunConfig:
         if unknown:
             raise UserError(f"config: unknown keys {sorted(unknown)}")
         kw = {}
-        for name, sub in (("data", DataArgs), ("model", ModelArgs), ("strategy", StrategyArgs),
-                          ("train", TrainArgs)):
+        for name, sub in _GROUPS.items():
             vals = d.get(name, {})
             bad = set(vals) - {f.name for f in fields(sub)}
             if bad:
