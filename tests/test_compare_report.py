@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import textune
@@ -27,6 +28,15 @@ def test_compare_writes_table_json_chart_and_survives_a_failure(tiny_bert, toy_c
     assert rows[1]["status"].startswith("failed: --lora-targets") and "| failed:" in md
     assert (out / "compare.png").stat().st_size > 5000
     assert (out / "frozen" / "metrics.json").exists() and (out / "full" / "report.html").exists()
+    # paired differences on the same test rows: one run is the best, the other is against it
+    ok = [rows[0], rows[2]]
+    assert sorted(isinstance(r["accuracy_vs_best"], str) for r in ok) == [False, True]
+    other = next(r for r in ok if r["accuracy_vs_best"] != "best")
+    best = next(r for r in ok if r["accuracy_vs_best"] == "best")
+    d = other["accuracy_vs_best"]
+    assert np.isclose(d["difference"], other["accuracy"] - best["accuracy"], atol=1e-4)
+    assert d["ci95"][0] <= d["difference"] <= d["ci95"][1] <= 1e-9
+    assert "accuracy_vs_best" not in rows[1] and "| best |" in md and " pts [" in md
 
 
 def test_every_run_has_a_report_with_embedded_plots(tiny_bert, toy_csv, tmp_path, capsys):
@@ -39,11 +49,25 @@ def test_every_run_has_a_report_with_embedded_plots(tiny_bert, toy_csv, tmp_path
         assert (out / png).stat().st_size > 3000
     assert "http" not in html.replace("http-equiv", "")  # self-contained
     assert "Caveats" not in html  # (a clean run has none)
+    # every test row's prediction, matching the metrics; intervals around the scores
+    m = json.loads((out / "metrics.json").read_text())
+    pred = pd.read_csv(out / "predictions.csv", keep_default_na=False)
+    assert len(pred) == m["n_eval"] and list(pred.columns[:3]) == ["text", "label", "predicted"]
+    assert np.isclose((pred["label"] == pred["predicted"]).mean(), m["accuracy"])
+    probs = pred[["p_neg", "p_pos"]].to_numpy()
+    assert np.allclose(probs.sum(1), 1, atol=2e-4)
+    assert (pred["predicted"] == np.array(["neg", "pos"])[probs.argmax(1)]).all()
+    assert m["accuracy_ci95"][0] <= m["accuracy"] <= m["accuracy_ci95"][1]
+    assert 0 <= m["ece"] <= 1 and "(95% CI " in html
+    wrong = int((pred["label"] != pred["predicted"]).sum())
+    assert f"Mistakes ({wrong} of {len(pred)} rows)" in html
     (out / "report.html").unlink()
     assert main(["report", str(out)]) == 0 and (out / "report.html").exists()
     assert main(["eval", str(out), "--data", str(toy_csv), "--out", str(tmp_path / "ev"),
                  "--quiet"]) == 0
     assert "data:image/png" in (tmp_path / "ev" / "report.html").read_text()
+    assert len(pd.read_csv(tmp_path / "ev" / "predictions.csv")) == json.loads(
+        (tmp_path / "ev" / "metrics.json").read_text())["n_eval"]
 
 
 def test_export_merges_lora_and_reloads_identically(tiny_bert, toy_csv, tmp_path, capsys):

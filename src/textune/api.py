@@ -279,7 +279,8 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
 
     test_logits = predict_logits(model, enc["test"], cfg.train.eval_batch_size, device,
                                  amp_dtype(accelerator), progress=progress, desc="test")
-    metrics = classification_metrics(enc["test"].labels, test_logits, splits.labels)
+    metrics = held_out_metrics(splits.test, enc["test"].labels, test_logits, splits.labels,
+                               out if accelerator.is_main_process else None)
     train_seconds = state.train_seconds + feature_seconds
     metrics.update({
         "split": "test",
@@ -313,6 +314,29 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
         shutil.rmtree(out / CKPT, ignore_errors=True)  # finished: the checkpoint is not needed
         _report(out, metrics)
+    return metrics
+
+
+PREDICTIONS = "predictions.csv"
+
+
+def held_out_metrics(table: Table, y: np.ndarray, logits: np.ndarray, names: list[str],
+                     folder: Path | None) -> dict:
+    """Metrics of held-out rows with their 95% intervals and calibration error; with
+    ``folder``, every row's prediction goes to its predictions.csv (for error analysis, the
+    report's mistakes table and `compare`'s paired differences)."""
+    from .data import write_frame
+    from .metrics import softmax
+
+    metrics = classification_metrics(y, logits, names, uncertainty=True)
+    if folder is not None:
+        import pandas as pd
+
+        cols = {"text": table.texts, **({"text_pair": table.pairs} if table.pairs else {}),
+                "label": [names[i] for i in y], "predicted": [names[i] for i in logits.argmax(1)]}
+        probs = softmax(logits.astype(np.float64)).round(4)
+        cols.update({f"p_{n}": probs[:, i] for i, n in enumerate(names)})
+        write_frame(pd.DataFrame(cols), folder / PREDICTIONS)
     return metrics
 
 
@@ -475,13 +499,17 @@ def evaluate_run(run: str | Path, data: str, out: str | Path | None = None, *,
                            label_col=label_col or cfg.data.label_col,
                            pair_col=pair_col or cfg.data.text_pair_col)
         split_name = f"all rows of {data}"
+    from .data import encode_labels
+
+    y = encode_labels(table.labels, clf.labels, table.source)
     t = time.perf_counter()
-    metrics = clf.evaluate(table, progress=progress)
+    logits = clf.logits(table.texts, table.pairs, progress=progress)
     secs = time.perf_counter() - t
+    o = prepare_out_dir(out, False) if out else None
+    metrics = held_out_metrics(table, y, logits, clf.labels, o)
     metrics.update({"split": split_name, "run": str(run), "seconds": round(secs, 3),
                     "examples_per_second": round(len(table) / secs, 2)})
-    if out:
-        o = prepare_out_dir(out, False)
+    if o:
         (o / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
         _report(o, metrics)
     return metrics

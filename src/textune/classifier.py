@@ -144,7 +144,7 @@ class Classifier:
         assert table.labels is not None
         y = encode_labels(table.labels, self.labels, table.source)
         logits = self.logits(table.texts, table.pairs, batch_size, progress=progress)
-        return classification_metrics(y, logits, self.labels)
+        return classification_metrics(y, logits, self.labels, uncertainty=True)
 
 
 def load(run_dir: str | Path, device: str | None = None) -> Classifier:

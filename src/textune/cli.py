@@ -112,8 +112,13 @@ def config_from_args(a: argparse.Namespace, strategy: str):
 
 
 def _summary(m: dict) -> str:
-    lines = [f"accuracy {m['accuracy']:.4f}   macro-F1 {m['macro_f1']:.4f}   "
-             f"(n={m['n_eval']}, {m.get('split', '')})"]
+    def ci(key: str) -> str:
+        lo_hi = m.get(f"{key}_ci95")
+        return f" [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else ""
+
+    where = f"n={m['n_eval']}, {m.get('split', '')}" + ("; [95% CI]" if ci("accuracy") else "")
+    lines = [f"accuracy {m['accuracy']:.4f}{ci('accuracy')}   "
+             f"macro-F1 {m['macro_f1']:.4f}{ci('macro_f1')}   ({where})"]
     width = max(len(n) for n in m["per_class"])
     for n, c in m["per_class"].items():
         lines.append(f"  {n:<{width}}  P {c['precision']:.3f}  R {c['recall']:.3f}  "
@@ -186,7 +191,8 @@ def cmd_train(a) -> int:
     print(_summary(m))
     print(f"train {m['train_seconds']:.1f}s ({m['train_samples_per_second']:.1f} samples/s), "
           f"{m['trainable_params']:,} of {m['total_params']:,} parameters trained")
-    print(f"run folder: {cfg.out}  (metrics.json, reload with textune.load)")
+    print(f"run folder: {cfg.out}  (report.html, metrics.json, the test rows' predictions.csv; "
+          f"reload with textune.load)")
     return 0
 
 
@@ -198,7 +204,8 @@ def cmd_eval(a) -> int:
                      pair_col=a.text_pair_col, progress=not a.quiet)
     print(_summary(m))
     if a.out:
-        print(f"metrics: {Path(a.out) / 'metrics.json'}")
+        print(f"metrics: {Path(a.out) / 'metrics.json'}, every row: "
+              f"{Path(a.out) / 'predictions.csv'}, report: {Path(a.out) / 'report.html'}")
     return 0
 
 

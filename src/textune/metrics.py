@@ -1,17 +1,26 @@
-"""Accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix."""
+"""Accuracy, macro-F1, per-class precision/recall/F1, the confusion matrix, and how far to trust
+them: bootstrap confidence intervals, paired differences between two classifiers on the same
+rows, and the calibration error of the predicted probabilities."""
 
 from __future__ import annotations
 
 import numpy as np
 
+RESAMPLES = 1000  # bootstrap resamples: the 2.5/97.5 percentiles move by < 0.1 pt beyond this
+ECE_BINS = 15
 
-def classification_metrics(y_true: np.ndarray, logits: np.ndarray, names: list[str]) -> dict:
+
+def classification_metrics(y_true: np.ndarray, logits: np.ndarray, names: list[str], *,
+                           uncertainty: bool = False, probabilities: bool = True) -> dict:
+    """Metrics of ``logits`` against ``y_true``. ``uncertainty``: also 95% bootstrap intervals
+    of accuracy and macro-F1 and, when the logits' softmax is a probability
+    (``probabilities``), the expected calibration error."""
     from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
     y_pred = logits.argmax(-1)
     labels = list(range(len(names)))
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
-    return {
+    out = {
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(np.mean(f)),
         "per_class": {n: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
@@ -20,6 +29,63 @@ def classification_metrics(y_true: np.ndarray, logits: np.ndarray, names: list[s
         "labels": names,
         "n_eval": int(len(y_true)),
     }
+    if uncertainty and len(y_true):
+        acc, f1 = bootstrap(y_true, [y_pred], len(names))
+        out["accuracy_ci95"] = interval(acc[0])
+        out["macro_f1_ci95"] = interval(f1[0])
+        out["bootstrap_resamples"] = RESAMPLES
+        if probabilities:
+            out["ece"] = round(calibration_error(y_true, softmax(logits)), 4)
+    return out
+
+
+def bootstrap(y_true: np.ndarray, preds: list[np.ndarray], n_classes: int,
+              resamples: int = RESAMPLES, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Accuracy and macro-F1 of each prediction in ``preds`` on ``resamples`` bootstrap
+    resamples of the rows, the same resamples for every prediction (so differences between
+    them are paired). Returns two arrays of shape [len(preds), resamples]."""
+    y = np.asarray(y_true, dtype=np.int64)
+    n, k = len(y), n_classes
+    rng = np.random.default_rng(seed)
+    acc = np.empty((len(preds), resamples))
+    f1 = np.empty((len(preds), resamples))
+    chunk = max(1, 2_000_000 // max(n, 1))  # bounds the index matrix to ~16 MB
+    for start in range(0, resamples, chunk):
+        idx = rng.integers(0, n, size=(min(chunk, resamples - start), n))
+        for j, pred in enumerate(preds):
+            acc[j, start:start + len(idx)], f1[j, start:start + len(idx)] = \
+                resampled_scores(y, pred, idx, k)
+    return acc, f1
+
+
+def resampled_scores(y: np.ndarray, pred: np.ndarray, idx: np.ndarray,
+                     k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Accuracy and macro-F1 (absent classes count 0, as sklearn's ``zero_division=0``) of the
+    rows each line of the index matrix ``idx`` picks, from one confusion matrix per line."""
+    r = len(idx)
+    code = np.asarray(y, dtype=np.int64) * k + np.asarray(pred, dtype=np.int64)
+    offset = (np.arange(r) * k * k)[:, None]
+    cm = np.bincount((code[idx] + offset).ravel(), minlength=r * k * k).reshape(r, k, k)
+    tp = np.diagonal(cm, axis1=1, axis2=2).astype(np.float64)
+    denom = cm.sum(1) + cm.sum(2)  # per class: 2 tp + fp + fn
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0).mean(1)
+    return tp.sum(1) / idx.shape[1], f1
+
+
+def interval(samples: np.ndarray) -> list[float]:
+    """The central 95% of bootstrap ``samples``."""
+    lo, hi = np.percentile(samples, [2.5, 97.5])
+    return [round(float(lo), 4), round(float(hi), 4)]
+
+
+def calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Expected calibration error: the gap between confidence (the top probability) and
+    accuracy, averaged over equal-width confidence bins weighted by their rows."""
+    conf = probs.max(-1)
+    right = probs.argmax(-1) == np.asarray(y_true)
+    which = np.minimum((conf * bins).astype(np.int64), bins - 1)
+    gap = np.bincount(which, weights=conf - right, minlength=bins)
+    return float(np.abs(gap).sum() / max(len(conf), 1))
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

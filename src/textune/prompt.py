@@ -385,7 +385,8 @@ def run_prompt(a: PromptArgs, *, progress: bool = True, overwrite: bool = False)
     for how, s in results.items():
         m = classification_metrics(y, s, names)
         summary[how] = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
-    metrics = classification_metrics(y, results[a.calibrate], names)
+    metrics = classification_metrics(y, results[a.calibrate], names, uncertainty=True,
+                                     probabilities=False)  # log-likelihoods, not probabilities
     metrics.update({
         "split": a.split, "model": a.model, "strategy": "prompt" if not a.shots else
         f"prompt-fewshot ({a.shots} per class)", "calibration": a.calibrate,

@@ -130,6 +130,48 @@ def caveats(metrics: dict) -> list[str]:
     return out
 
 
+def _ci(metrics: dict, key: str) -> str:
+    ci = metrics.get(f"{key}_ci95")
+    return f" (95% CI {ci[0]:.4f}–{ci[1]:.4f})" if ci else ""
+
+
+MISTAKES_SHOWN = 15
+
+
+def mistakes(folder: Path) -> list[str]:
+    """The report's table of the held-out rows the classifier got wrong, most confident first
+    (from the folder's predictions.csv), and how many there are."""
+    import pandas as pd
+
+    p = folder / "predictions.csv"
+    if not p.exists():
+        return []
+    df = pd.read_csv(p, keep_default_na=False, dtype=str)
+    if not {"text", "label", "predicted"} <= set(df.columns):
+        return []
+    wrong = df[df["label"] != df["predicted"]].copy()
+    head = f"<h2>Mistakes ({len(wrong)} of {len(df)} rows)</h2>"
+    if wrong.empty:
+        return [head, "<p>None.</p>"]
+    probs = [c for c in df.columns if c.startswith("p_")]
+    header = ["text", "label", "predicted"]
+    if probs:  # most confident mistakes first: label noise, or what the model learned wrong
+        wrong["confidence"] = wrong[probs].astype(float).max(axis=1)
+        wrong = wrong.sort_values("confidence", ascending=False, kind="stable")
+        header.append("confidence")
+    rows = []
+    for _, r in wrong.head(MISTAKES_SHOWN).iterrows():
+        text = r["text"] if len(r["text"]) <= 300 else r["text"][:297] + "..."
+        if r.get("text_pair"):
+            text += "  ||  " + r["text_pair"][:150]
+        rows.append([text, r["label"], r["predicted"],
+                     *([f"{r['confidence']:.3f}"] if probs else [])])
+    note = (f"<p>The {min(len(wrong), MISTAKES_SHOWN)} most confident; all rows are in "
+            f"<code>predictions.csv</code>. Confident mistakes are often wrong labels.</p>"
+            if probs else "<p>All rows are in <code>predictions.csv</code>.</p>")
+    return [head, note, _table(rows, header)]
+
+
 def write_report(folder: str | Path, metrics: dict | None = None, title: str | None = None) -> Path:
     """Build PNGs and ``report.html`` for a run (train) or an eval folder."""
     folder = Path(folder)
@@ -143,8 +185,11 @@ def write_report(folder: str | Path, metrics: dict | None = None, title: str | N
     steps, epochs = read_history(folder)
     images = plot_training(folder, steps, epochs) + plot_metrics(folder, metrics)
     cfg = folder / "config.json"
-    summary = [["accuracy", f"{metrics['accuracy']:.4f}"], ["macro-F1", f"{metrics['macro_f1']:.4f}"],
+    summary = [["accuracy", f"{metrics['accuracy']:.4f}{_ci(metrics, 'accuracy')}"],
+               ["macro-F1", f"{metrics['macro_f1']:.4f}{_ci(metrics, 'macro_f1')}"],
                ["evaluated on", f"{metrics['split']} (n={metrics['n_eval']})"]]
+    if "ece" in metrics:
+        summary.append(["calibration error (ECE)", f"{metrics['ece']:.4f}"])
     for key, label in (("model", "model"), ("strategy", "strategy"), ("train_seconds", "train s"),
                        ("train_samples_per_second", "samples/s"),
                        ("trainable_params", "trainable params"), ("total_params", "total params"),
@@ -162,7 +207,7 @@ def write_report(folder: str | Path, metrics: dict | None = None, title: str | N
                 + "</ul>"] if warn else []),
              _table(summary, ["", "value"]), "<h2>Per class</h2>",
              _table(per_class, ["class", "precision", "recall", "F1", "support"]),
-             "<h2>Plots</h2>", *(_img(p) for p in images)]
+             *mistakes(folder), "<h2>Plots</h2>", *(_img(p) for p in images)]
     if cfg.exists():
         parts += ["<h2>Configuration</h2>", f"<pre>{html.escape(cfg.read_text())}</pre>"]
     doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(folder.name)}"

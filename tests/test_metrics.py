@@ -1,0 +1,54 @@
+import numpy as np
+from sklearn.metrics import accuracy_score, f1_score
+
+from textune.metrics import bootstrap, calibration_error, classification_metrics, resampled_scores
+
+
+def test_resampled_scores_match_sklearn_on_each_resample():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 4, 300)
+    pred = np.where(rng.random(300) < 0.7, y, rng.integers(0, 4, 300))
+    idx = rng.integers(0, 300, (25, 300))
+    idx[0] = 0  # one resample where three classes are absent: they count as F1 0, as in sklearn
+    acc, f1 = resampled_scores(y, pred, idx, 4)
+    for i in range(len(idx)):
+        assert acc[i] == accuracy_score(y[idx[i]], pred[idx[i]])
+        assert np.isclose(f1[i], f1_score(y[idx[i]], pred[idx[i]], labels=range(4),
+                                          average="macro", zero_division=0))
+
+
+def test_intervals_cover_the_score_and_narrow_with_more_rows():
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (200, 5000):
+        y = rng.integers(0, 3, n)
+        pred = np.where(rng.random(n) < 0.8, y, (y + 1) % 3)
+        m = classification_metrics(y, np.eye(3)[pred], ["a", "b", "c"], uncertainty=True)
+        lo, hi = m["accuracy_ci95"]
+        assert lo < m["accuracy"] < hi and m["macro_f1_ci95"][0] < m["macro_f1"]
+        widths.append(hi - lo)
+        # the binomial interval's half-width is ~1.96 sqrt(p(1-p)/n)
+        assert np.isclose((hi - lo) / 2, 1.96 * np.sqrt(0.8 * 0.2 / n), rtol=0.25)
+    assert widths[1] < widths[0] / 4
+    assert "accuracy_ci95" not in classification_metrics(y, np.eye(3)[pred], ["a", "b", "c"])
+
+
+def test_paired_resamples_see_a_difference_unpaired_intervals_hide():
+    # b is right wherever a is, and on 4% more rows: the paired difference is clearly > 0
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 1000)
+    a = np.where(rng.random(1000) < 0.75, y, 1 - y)
+    b = a.copy()
+    wrong = np.flatnonzero(a != y)[:40]
+    b[wrong] = y[wrong]
+    acc, _ = bootstrap(y, [b, a], 2)
+    assert np.percentile(acc[1], 97.5) > np.percentile(acc[0], 2.5)  # the intervals overlap
+    assert np.percentile(acc[0] - acc[1], 2.5) > 0.02  # the paired one excludes 0
+
+
+def test_calibration_error():
+    y = np.array([0, 1] * 50)
+    overconfident = np.tile([0.9, 0.1], (100, 1))  # says 90%, right half of the time
+    assert np.isclose(calibration_error(y, overconfident), 0.4)
+    sure_and_right = np.eye(2)[y]
+    assert calibration_error(y, sure_and_right) == 0
