@@ -52,3 +52,11 @@ def test_calibration_error():
     assert np.isclose(calibration_error(y, overconfident), 0.4)
     sure_and_right = np.eye(2)[y]
     assert calibration_error(y, sure_and_right) == 0
+
+
+def test_a_wide_interval_is_a_caveat():
+    from textune.report import caveats
+
+    assert caveats({"accuracy_ci95": [0.74, 0.76], "n_eval": 5000}) == []
+    (c,) = caveats({"accuracy_ci95": [0.70, 0.84], "n_eval": 120})
+    assert "only 120 rows" in c and "±7%" in c

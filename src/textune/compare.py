@@ -13,7 +13,8 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 COLUMNS = [("strategy", "strategy"), ("accuracy", "accuracy [95% CI]"), ("macro_f1", "macro-F1"),
-           ("accuracy_vs_best", "vs best: Δ accuracy [95% CI]"), ("train_seconds", "train s"), ("train_samples_per_second", "samples/s"),
+           ("accuracy_vs_best", "vs best: Δ accuracy [95% CI]"), ("train_seconds", "train s"),
+           ("train_samples_per_second", "samples/s"),
            ("peak_memory_mb", "peak MB"), ("trainable_params", "trainable params"),
            ("saved_bytes", "saved size")]
 

@@ -127,7 +127,15 @@ def caveats(metrics: dict) -> list[str]:
         if n:
             out.append(f"{n} of the {splits.get(part)} {part} texts also occur in the training "
                        f"data: the scores overstate how the model does on new text")
+    ci = metrics.get("accuracy_ci95")
+    if ci and ci[1] - ci[0] > 2 * WIDE_CI:
+        out.append(f"only {metrics['n_eval']} rows were evaluated: accuracy is known to about "
+                   f"±{(ci[1] - ci[0]) / 2:.0%} (95% CI {ci[0]:.3f}–{ci[1]:.3f}), so smaller "
+                   f"differences between runs are noise; evaluate on more rows (--test FILE)")
     return out
+
+
+WIDE_CI = 0.05  # a caveat when accuracy's 95% interval is wider than ± this
 
 
 def _ci(metrics: dict, key: str) -> str:
