@@ -5,7 +5,7 @@ IMDB-like lengths). Each row prints real tokens/s (or texts/s) and MFU; JSON lin
 $OUT/gpu.jsonl when OUT is set. Run: PYTHONPATH=src python3 bench/gpu.py [rows...]
 Rows: bert_trainer, bert_textune, bert_textune_compile, bert_textune_tokens,
 bert_textune_tokens_compile, llama_trainer, llama_textune,
-frozen_classic, frozen_textune, infer_pipeline, infer_textune, qlora.
+frozen_classic, frozen_textune, infer_pipeline, infer_textune, infer_pairs, qlora.
 SMALL=1 shrinks everything to check the script on a CPU.
 """
 
@@ -355,15 +355,15 @@ def frozen_textune():
 
 
 # ---------------------------------------------------------------------------------- inference
-def infer_setup():
+def infer_setup(seed=3):
     tok_dir = Path(__file__).resolve().parent.parent / ".tok"
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
     n = 256 if SMALL else 4096
-    rng = np.random.default_rng(3)
+    rng = np.random.default_rng(seed)
     vocab = [w for w in tok.get_vocab() if w.isalpha() and len(w) > 2][:20000]
-    lens = lengths_like_imdb(n, 180, seed=3, cap=3000)
+    lens = lengths_like_imdb(n, 180, seed=seed, cap=3000)
     texts = [" ".join(rng.choice(vocab, int(x))) for x in lens]
     return tok, tok_dir, texts
 
@@ -534,6 +534,52 @@ def infer_textune(note=""):
            secs, len(texts), int(enc.lengths.sum()), tokenize_alone_s=round(t_tok, 2),
            batches=len(seen), shapes=len(set(seen)), new_shapes=len(set(seen) - warm),
            padded_tokens=sum(r * w for r, w in seen))
+
+
+def infer_pairs(reps=3):
+    """The inference goal's figure, robust to the card's drift: pipeline and textune on the same
+    model shape (bf16, as in infer_pipeline / infer_textune), both warmed on the same 3,000 texts, then timed alternately on
+    ``reps`` sets of 4,096 texts neither has seen (new lengths, new batch shapes), the order
+    flipped each time. Prints each pair's ratio and, last, the median."""
+    from transformers import BertForSequenceClassification, pipeline
+
+    from textune.classifier import Classifier
+    from textune.config import RunConfig
+    from transformers import BertModel
+
+    from textune.modeling import TextClassifier
+
+    tok, _, warm = infer_setup()
+    cfg, *_ = bert_setup()
+    hf = BertForSequenceClassification(cfg).to(DEV, torch.bfloat16 if DEV == "cuda" else
+                                               torch.float32).eval()
+    pipe = pipeline("text-classification", model=hf, tokenizer=tok,
+                    device=0 if DEV == "cuda" else -1)
+    rc = RunConfig()
+    rc.data.max_length = 512
+    model = TextClassifier(BertModel(cfg).to(torch.bfloat16 if DEV == "cuda" else torch.float32),
+                           2, pooling="cls")
+    clf = Classifier(model, tok, ["a", "b"], rc, DEV)
+    runs = {"pipeline": lambda x: pipe(x, batch_size=32, truncation=True, max_length=512),
+            "textune": clf.predict}
+    for run in runs.values():
+        run(warm[:3000])
+    ratios = []
+    for r in range(reps):
+        texts = infer_setup(seed=100 + r)[2]
+        secs = {}
+        for name in (("pipeline", "textune") if r % 2 == 0 else ("textune", "pipeline")):
+            sync()
+            t = time.perf_counter()
+            runs[name](texts)
+            sync()
+            secs[name] = time.perf_counter() - t
+        ratios.append(secs["pipeline"] / secs["textune"])
+        report(f"inference pair {r + 1}: pipeline bf16 b32 vs textune predict, unseen texts",
+               secs["textune"], len(texts), 0, pipeline_s=round(secs["pipeline"], 3),
+               speedup_vs_pipeline=round(ratios[-1], 2))
+    print(f"speedup_vs_pipeline_median={float(np.median(ratios)):.2f} "
+          f"pairs={[round(x, 2) for x in ratios]}", flush=True)
 
 
 # ---------------------------------------------------------------------------------- QLoRA
@@ -767,7 +813,8 @@ ROWS = {"bert_trainer": bert_trainer, "bert_textune": bert_textune,
         "llama_textune": llama_textune, "llama_textune_gc": lambda: llama_textune(True),
         "llama_textune_compile": lambda: llama_textune(compile_=True),
         "frozen_classic": frozen_classic, "frozen_textune": frozen_textune,
-        "infer_pipeline": infer_pipeline, "infer_textune": infer_textune, "qlora": qlora,
+        "infer_pipeline": infer_pipeline, "infer_textune": infer_textune,
+        "infer_pairs": infer_pairs, "qlora": qlora,
         "diag": diag, "features_profile": features_profile, "head_variants": head_variants,
         "infer_profile": infer_profile, "infer_textune_cudnn": infer_textune_cudnn,
         "infer_textune_pad8": lambda: infer_textune_pad(8),
