@@ -539,8 +539,9 @@ def infer_textune(note=""):
 def infer_pairs(reps=3):
     """The inference goal's figure, robust to the card's drift: pipeline and textune on the same
     model shape (bf16, as in infer_pipeline / infer_textune), both warmed on the same 3,000
-    texts, then timed alternately on ``reps`` sets of 4,096 texts neither has seen (new lengths, new batch shapes), the order
-    flipped each time. Prints each pair's ratio and, last, the median."""
+    texts, then timed alternately on ``reps`` sets of 4,096 texts neither has seen (new
+    lengths, new batch shapes), the order flipped each time. Prints each pair's ratio and,
+    last, the median."""
     from transformers import BertForSequenceClassification, BertModel, pipeline
 
     from textune.classifier import Classifier
