@@ -1,6 +1,7 @@
 """compare, report, export, class weights on tiny models."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -37,6 +38,31 @@ def test_compare_writes_table_json_chart_and_survives_a_failure(tiny_bert, toy_c
     assert np.isclose(d["difference"], other["accuracy"] - best["accuracy"], atol=1e-4)
     assert d["ci95"][0] <= d["difference"] <= d["ci95"][1] <= 1e-9
     assert "accuracy_vs_best" not in rows[1] and "| best |" in md and " pts [" in md
+
+
+def test_compare_over_seeds_shares_the_splits(tiny_bert, toy_csv, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--model", str(tiny_bert), "--data", str(toy_csv), "--strategies",
+                 "frozen,full", "--seeds", "3,4", "--epochs", "1", "--out", str(out),
+                 "--quiet"]) == 0
+    doc = json.loads((out / "compare.json").read_text())
+    assert doc["seeds"] == [3, 4] and doc["split_seed"] == 3
+    preds = {}
+    for r in doc["rows"]:
+        assert r["status"] == "ok" and [x["seed"] for x in r["runs"]] == [3, 4]
+        assert np.isclose(r["accuracy"], np.mean([x["accuracy"] for x in r["runs"]]))
+        assert r["accuracy_ci95"][0] <= r["accuracy"] <= r["accuracy_ci95"][1]
+        for x in r["runs"]:
+            cfg = json.loads((Path(x["run"]) / "config.json").read_text())
+            assert cfg["train"]["seed"] == x["seed"] and cfg["data"]["split_seed"] == 3
+            preds[r["strategy"], x["seed"]] = pd.read_csv(Path(x["run"]) / "predictions.csv")
+    texts = [p["text"].tolist() for p in preds.values()]
+    assert all(t == texts[0] for t in texts)  # one test split for every strategy and seed
+    # the seeds differ in training: the full fine-tuning runs differ somewhere
+    assert not preds["full", 3][["p_neg"]].equals(preds["full", 4][["p_neg"]])
+    assert sorted(str(r["accuracy_vs_best"]) == "best" for r in doc["rows"]) == [False, True]
+    md = (out / "compare.md").read_text()
+    assert "sd over seeds" in md and "| full | 4 |" in md and "full/seed-4" in md
 
 
 def test_every_run_has_a_report_with_embedded_plots(tiny_bert, toy_csv, tmp_path, capsys):

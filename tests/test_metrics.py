@@ -1,7 +1,13 @@
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 
-from textune.metrics import bootstrap, calibration_error, classification_metrics, resampled_scores
+from textune.metrics import (
+    bootstrap,
+    bootstrap_means,
+    calibration_error,
+    classification_metrics,
+    resampled_scores,
+)
 
 
 def test_resampled_scores_match_sklearn_on_each_resample():
@@ -60,3 +66,12 @@ def test_a_wide_interval_is_a_caveat():
     assert caveats({"accuracy_ci95": [0.74, 0.76], "n_eval": 5000}) == []
     (c,) = caveats({"accuracy_ci95": [0.70, 0.84], "n_eval": 120})
     assert "only 120 rows" in c and "±7%" in c
+
+
+def test_bootstrap_means_of_right_answers_are_the_bootstrap_accuracies():
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 3, 500)
+    preds = [np.where(rng.random(500) < q, y, (y + 1) % 3) for q in (0.6, 0.9)]
+    acc, _ = bootstrap(y, preds, 3, resamples=300, seed=5)
+    means = bootstrap_means(np.stack([p == y for p in preds]), resamples=300, seed=5)
+    assert np.allclose(acc, means)

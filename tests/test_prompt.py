@@ -144,11 +144,13 @@ def test_compare_runs_prompt_beside_training(tiny_lm, tmp_path):
     data = write_csv(tmp_path / "gb.csv", rows)
     out = tmp_path / "cmp"
     code = main(["compare", "--model", str(folder), "--data", str(data), "--strategies",
-                 "full,prompt", "--epochs", "1", "--out", str(out), "--quiet"])
+                 "full,prompt", "--epochs", "1", "--test-fraction", "0.2", "--out", str(out),
+                 "--quiet"])
     assert code == 0
     got = json.loads((out / "compare.json").read_text())["rows"]
     assert [r["status"] for r in got] == ["ok", "ok"]
     prompt = json.loads((out / "prompt" / "metrics.json").read_text())
     full = json.loads((out / "full" / "metrics.json").read_text())
-    assert prompt["n_eval"] == full["n_eval"]  # the same test rows
+    assert prompt["n_eval"] == full["n_eval"] == 60  # the same test rows (--test-fraction too)
+    assert all("accuracy_vs_best" in r for r in got)  # so they are compared row by row
     assert prompt["trainable_params"] == 0 and "| prompt |" in (out / "compare.md").read_text()

@@ -101,7 +101,7 @@ def load_splits(cfg: RunConfig) -> Splits:
     main = read_table(resolve_data(d.data), **cols)
     val = read_table(resolve_data(d.val), **cols) if d.val else None
     test = read_table(resolve_data(d.test), **cols) if d.test else None
-    tr, va, te = split_indices(main, d.val_fraction, d.test_fraction, cfg.train.seed,
+    tr, va, te = split_indices(main, d.val_fraction, d.test_fraction, cfg.split_seed,
                                need=(val is None, test is None))
     train = main.subset(tr)
     val = val or main.subset(va)
@@ -109,14 +109,14 @@ def load_splits(cfg: RunConfig) -> Splits:
     n_full = len(train)
     assert train.labels is not None
     train = train.subset(limit_indices(list(range(len(train))), train.labels, d.limit,
-                                       cfg.train.seed))
+                                       cfg.split_seed))
     labels = build_label_names(train.labels)
     if len(labels) < 2:
         raise UserError(f"{d.data}: the training split has one class only; check --label-col "
                         f"or raise --limit")
     split = {"train": len(train), "train_before_limit": n_full, "val": len(val),
              "test": len(test), "source": "files" if (d.val or d.test) else
-             f"stratified split of {d.data} (seed {cfg.train.seed})"}
+             f"stratified split of {d.data} (seed {cfg.split_seed})"}
     # (the split made here keeps duplicates together; files given by the user may overlap)
     seen = {_same_text(t, p) for t, p in zip(train.texts, train.pairs or [None] * len(train))}
     for name, given, part in (("val", d.val, val), ("test", d.test, test)):
@@ -162,7 +162,7 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
 
     cap = model_max_length(tokenizer, AutoConfig.from_pretrained(src))
     if cfg.data.max_length is None:
-        cfg.data.max_length = choose_max_length(tokenizer, splits.train, cap, seed=cfg.train.seed)
+        cfg.data.max_length = choose_max_length(tokenizer, splits.train, cap, seed=cfg.split_seed)
         log.info("max length %d tokens (covers ~99%% of the training texts)", cfg.data.max_length)
     elif cfg.data.max_length > cap:
         raise UserError(f"--max-length {cfg.data.max_length}: the model takes at most {cap}")

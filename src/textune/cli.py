@@ -27,6 +27,10 @@ def _batch_size(s: str) -> int:
     return v
 
 
+SPLIT_SEED_HELP = ("seed of the train/val/test split and of --limit's sample (default: --seed); "
+                   "fix it to vary --seed on the same splits")
+
+
 def add_train_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by `train` and `compare`."""
     g = p.add_argument_group("model")
@@ -87,6 +91,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-steps", type=int)
     g.add_argument("--patience", type=int, help="early stop after N epochs without macro-F1 gain")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--split-seed", type=int, help=SPLIT_SEED_HELP)
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     g.add_argument("--class-weights", default="none", choices=["none", "auto"])
     g.add_argument("--compile", action="store_true",
@@ -267,7 +272,14 @@ def cmd_compare(a) -> int:
         log.warning("--lr %g applies to every strategy; their defaults differ (frozen 1e-3, "
                     "lora 5e-4, adapter 1e-3, full 5e-5)", a.lr)
     strategies = [s.strip() for s in a.strategies.split(",") if s.strip()]
-    rows = run_compare(cfg, strategies, out, progress=not a.quiet)
+    seeds = None
+    if a.seeds:
+        try:
+            seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
+        except ValueError:
+            raise UserError(f"--seeds {a.seeds}: give whole numbers separated by commas, e.g. "
+                            f"0,1,2") from None
+    rows = run_compare(cfg, strategies, out, seeds=seeds, progress=not a.quiet)
     print((out / "compare.md").read_text())
     print(f"table: {out / 'compare.md'}  chart: {out / 'compare.png'}")
     return 0 if any(r["status"] == "ok" for r in rows) else 1
@@ -459,6 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="several strategies on the same splits, side by side")
     c.add_argument("--strategies", default="frozen,adapter,lora,full")
+    c.add_argument("--seeds", help="train each strategy once per seed, e.g. 0,1,2, on the same "
+                   "splits (--split-seed, else the first seed): means, spread over seeds, and "
+                   "paired differences")
     c.add_argument("--out", required=True)
     c.add_argument("--overwrite", action="store_true")
     add_train_flags(c)
@@ -495,7 +510,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-length", type=int, default=256, help="tokens kept per text")
     q.add_argument("--no-kv-cache", action="store_true",
                    help="recompute the shared prefix in every batch (slower; for checking)")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=int, default=0, help="demonstrations drawn (and, without "
+                   "--split-seed, the split)")
+    q.add_argument("--split-seed", type=int, help=SPLIT_SEED_HELP)
+    q.add_argument("--val-fraction", type=float, default=0.1)
+    q.add_argument("--test-fraction", type=float, default=0.1)
     q.add_argument("--out", required=True)
     q.add_argument("--overwrite", action="store_true")
     common(q)

@@ -35,7 +35,9 @@ def _human_bytes(n: int | None) -> str:
 
 
 def run_compare(base: RunConfig, strategies: list[str], out: Path, *,
-                progress: bool = True) -> list[dict]:
+                seeds: list[int] | None = None, progress: bool = True) -> list[dict]:
+    """Train every strategy (once per seed in ``seeds``; default: the config's seed) on the
+    same splits; writes compare.md / .json / .png after each run. One row per strategy."""
     from .strategies import REGISTRY
 
     known = [*REGISTRY, *PROMPTS]
@@ -44,21 +46,52 @@ def run_compare(base: RunConfig, strategies: list[str], out: Path, *,
         raise UserError(f"--strategies: unknown {unknown}; choose from {', '.join(known)}")
     if not strategies:
         raise UserError("--strategies: give at least one, e.g. frozen,lora,full")
-    rows = []
+    seeds = list(dict.fromkeys(seeds or [base.train.seed]))
+    if len(seeds) > 1 and base.data.split_seed is None:
+        base.data.split_seed = seeds[0]  # every seed trains and tests on the same rows
+    rows: list[dict] = []
     for name in strategies:
-        cfg = copy.deepcopy(base)
-        cfg.strategy.name = name
-        cfg.out = str(out / name)
-        log.info("=== %s ===", name)
-        status, m = _train_in_subprocess(cfg, progress)
-        if status == "ok":
-            rows.append({"strategy": name, "status": "ok", "run": cfg.out,
-                         **{k: m.get(k) for k in METRICS}})
-        else:  # one failure must not lose the others
-            log.error("%s failed: %s", name, status)
-            rows.append({"strategy": name, "status": f"failed: {status}", "run": cfg.out})
-        write_outputs(out, rows, base)
+        runs = []
+        # zero-shot prompting draws nothing at random: one run stands for every seed
+        for seed in seeds[:1] if name == "prompt" else seeds:
+            cfg = copy.deepcopy(base)
+            cfg.strategy.name = name
+            cfg.train.seed = seed
+            cfg.out = str(out / name / f"seed-{seed}" if len(seeds) > 1 else out / name)
+            log.info("=== %s%s ===", name, f" (seed {seed})" if len(seeds) > 1 else "")
+            status, m = _train_in_subprocess(cfg, progress)
+            if status != "ok":  # one failure must not lose the others
+                log.error("%s failed: %s", name, status)
+            runs.append({"seed": seed, "status": "ok" if status == "ok" else f"failed: {status}",
+                         "run": cfg.out, **{k: m.get(k) for k in METRICS}})
+            write_outputs(out, [*rows, _row(name, runs, len(seeds) > 1)], base, seeds)
+        rows.append(_row(name, runs, len(seeds) > 1))
     return rows
+
+
+def _row(name: str, runs: list[dict], several: bool) -> dict:
+    """A strategy's row: its run's metrics, or with several seeds their mean (accuracy's
+    standard deviation over seeds beside it) and each run under ``runs``."""
+    if not several:
+        return {"strategy": name, **runs[0]}
+    ok = [r for r in runs if r["status"] == "ok"]
+    failed = [r for r in runs if r["status"] != "ok"]
+    row: dict = {"strategy": name, "status": "ok" if not failed else
+                 f"{'failed' if not ok else 'partly failed'} (seed {failed[0]['seed']}: "
+                 f"{failed[0]['status'].removeprefix('failed: ')})",
+                 "seeds": [r["seed"] for r in ok], "runs": runs}
+    if ok:
+        import numpy as np
+
+        for k in ("accuracy", "macro_f1", "train_seconds", "train_samples_per_second"):
+            vals = [r[k] for r in ok if r.get(k) is not None]
+            row[k] = float(np.mean(vals)) if vals else None
+        row["accuracy_sd"] = float(np.std([r["accuracy"] for r in ok], ddof=1)) \
+            if len(ok) > 1 else None
+        row["peak_memory_mb"] = max((r.get("peak_memory_mb") or 0) for r in ok)
+        row["trainable_params"] = ok[0].get("trainable_params")
+        row["saved_bytes"] = ok[0].get("saved_bytes")
+    return row
 
 
 def _train_in_subprocess(cfg: RunConfig, progress: bool) -> tuple[str, dict]:
@@ -107,86 +140,112 @@ def _prompt(cfg: RunConfig, progress: bool) -> dict:
     return run_prompt(PromptArgs(model=cfg.model.model, data=d.data, val=d.val, test=d.test,
                                  text_col=d.text_col, label_col=d.label_col,
                                  shots=PROMPTS[cfg.strategy.name], seed=cfg.train.seed,
-                                 out=cfg.out), progress=progress)
+                                 split_seed=d.split_seed, val_fraction=d.val_fraction,
+                                 test_fraction=d.test_fraction, out=cfg.out), progress=progress)
 
 
 def paired_differences(rows: list[dict]) -> None:
-    """Each finished row's test accuracy minus the best row's, with a 95% interval from a paired
-    bootstrap over the same test rows (their predictions.csv): ``accuracy_vs_best``. Rows
-    scored on other rows (a prompt run with --limit) get none."""
+    """How far each strategy's test accuracy is from the best one's, and how sure: from each
+    row's predictions.csv (per test row: right or wrong, averaged over the row's seeds), a
+    bootstrap over the test rows, the same resamples for every strategy. Sets
+    ``accuracy_vs_best`` (the difference and its 95% interval, or "best") and, for rows of
+    several seeds, ``accuracy_ci95``. Rows scored on other rows (a prompt run with --limit)
+    get none."""
     import numpy as np
     import pandas as pd
 
-    from .metrics import bootstrap, interval
+    from .metrics import bootstrap_means, interval
 
-    preds = {}
+    right, ref = {}, None
     for r in rows:
         r.pop("accuracy_vs_best", None)
-        p = Path(r.get("run", "")) / "predictions.csv"
-        if r["status"] == "ok" and p.exists():
-            preds[r["strategy"]] = pd.read_csv(p, keep_default_na=False, dtype=str)
-    if len(preds) < 2:
+        frames = [pd.read_csv(Path(x["run"]) / "predictions.csv", keep_default_na=False,
+                              dtype=str)
+                  for x in r.get("runs", [r]) if x["status"] == "ok"
+                  and (Path(x["run"]) / "predictions.csv").exists()]
+        if not frames or r.get("accuracy") is None:
+            continue
+        ref = frames[0] if ref is None else ref
+        if any(len(f) != len(ref) or not f["text"].equals(ref["text"])
+               or not f["label"].equals(ref["label"]) for f in frames):
+            continue
+        right[r["strategy"]] = np.mean([(f["predicted"] == f["label"]).to_numpy(float)
+                                        for f in frames], axis=0)
+    if not right:
         return
+    names = list(right)
+    means = bootstrap_means(np.stack([right[n] for n in names]))
     by_name = {r["strategy"]: r for r in rows}
-    best = max(preds, key=lambda k: by_name[k]["accuracy"])
-    ref = preds[best]
-    names = sorted(set(ref["label"]).union(*(set(d["predicted"]) for d in preds.values())))
-    code = {n: i for i, n in enumerate(names)}
-    y = ref["label"].map(code).to_numpy()
-    for name, df in preds.items():
-        if name == best:
-            by_name[name]["accuracy_vs_best"] = "best"
-            continue
-        if (len(df) != len(ref) or not np.array_equal(df["text"].to_numpy(), ref["text"].to_numpy())
-                or not np.array_equal(df["label"].to_numpy(), ref["label"].to_numpy())):
-            continue
-        acc, _ = bootstrap(y, [df["predicted"].map(code).to_numpy(),
-                               ref["predicted"].map(code).to_numpy()], len(names))
-        diff = float((df["predicted"] == df["label"]).mean()
-                     - (ref["predicted"] == ref["label"]).mean())
-        by_name[name]["accuracy_vs_best"] = {"difference": round(diff, 4),
-                                             "ci95": interval(acc[0] - acc[1])}
+    for n, m in zip(names, means):
+        if "runs" in by_name[n]:
+            by_name[n]["accuracy_ci95"] = interval(m)
+    if len(names) < 2:
+        return
+    best = max(range(len(names)), key=lambda i: right[names[i]].mean())
+    for i, n in enumerate(names):
+        by_name[n]["accuracy_vs_best"] = "best" if i == best else {
+            "difference": round(float(right[n].mean() - right[names[best]].mean()), 4),
+            "ci95": interval(means[i] - means[best])}
 
 
-def write_outputs(out: Path, rows: list[dict], base: RunConfig) -> None:
+def _cell(k: str, v, r: dict) -> str:
+    if v is None:
+        return "-"
+    if k == "saved_bytes":
+        return _human_bytes(v)
+    if k == "accuracy" and r.get("accuracy_ci95"):
+        lo, hi = r["accuracy_ci95"]
+        return f"{v:.4f} [{lo:.3f}, {hi:.3f}]"
+    if k in ("accuracy", "macro_f1", "accuracy_sd"):
+        return f"{v:.4f}"
+    if k == "accuracy_vs_best":
+        return v if isinstance(v, str) else (f"{100 * v['difference']:+.1f} pts "
+                                             f"[{100 * v['ci95'][0]:+.1f}, {100 * v['ci95'][1]:+.1f}]")
+    if isinstance(v, float):
+        return f"{v:,.1f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def write_outputs(out: Path, rows: list[dict], base: RunConfig,
+                  seeds: list[int] | None = None) -> None:
+    seeds = seeds or [base.train.seed]
+    several = len(seeds) > 1
     paired_differences(rows)
     (out / "compare.json").write_text(json.dumps(
         {"model": base.model.model, "data": base.data.data, "seed": base.train.seed,
-         "epochs": base.train.epochs, "max_length": base.data.max_length, "rows": rows},
-        indent=2) + "\n")
-    head = "| " + " | ".join(h for _, h in COLUMNS) + " | status |"
-    lines = [f"# textune compare: {base.model.model} on {base.data.data}", "",
-             f"Same splits and seed ({base.train.seed}); epochs {base.train.epochs}; metrics on "
-             f"the held-out test split. Each run's folder is beside this file.", "",
-             "Brackets: 95% bootstrap intervals over the test rows. `vs best` pairs each run's "
-             "predictions with the most accurate run's on the same rows: an interval that "
-             "excludes 0 is a difference this test set can tell; one that includes 0 is not.",
-             "",
-             head, "|" + "---|" * (len(COLUMNS) + 1)]
+         "seeds": seeds, "split_seed": base.split_seed, "epochs": base.train.epochs,
+         "max_length": base.data.max_length, "rows": rows}, indent=2) + "\n")
+    columns = COLUMNS[:3] + [("accuracy_sd", "sd over seeds")] + COLUMNS[3:] if several \
+        else COLUMNS
+    if several:
+        intro = (f"Same splits (split seed {base.split_seed}); each strategy trained with seeds "
+                 f"{', '.join(map(str, seeds))}; accuracy, macro-F1 and times are means over "
+                 f"them (each run below the table); epochs {base.train.epochs}; metrics on the "
+                 f"held-out test split.")
+    else:
+        intro = (f"Same splits and seed ({base.train.seed}); epochs {base.train.epochs}; metrics "
+                 f"on the held-out test split. Each run's folder is beside this file.")
+    lines = [f"# textune compare: {base.model.model} on {base.data.data}", "", intro, "",
+             "Brackets: 95% bootstrap intervals over the test rows. `vs best` pairs each "
+             "strategy's predictions with the most accurate one's on the same rows: an interval "
+             "that excludes 0 is a difference this test set can tell; one that includes 0 is "
+             "not." + (" `sd over seeds` is how much training itself varies." if several else ""),
+             "", "| " + " | ".join(h for _, h in columns) + " | status |",
+             "|" + "---|" * (len(columns) + 1)]
     for r in rows:
-        cells = []
-        for k, _ in COLUMNS:
-            v = r.get(k)
-            if v is None:
-                cells.append("-")
-            elif k == "saved_bytes":
-                cells.append(_human_bytes(v))
-            elif k == "accuracy" and r.get("accuracy_ci95"):
-                lo, hi = r["accuracy_ci95"]
-                cells.append(f"{v:.4f} [{lo:.3f}, {hi:.3f}]")
-            elif k in ("accuracy", "macro_f1"):
-                cells.append(f"{v:.4f}")
-            elif k == "accuracy_vs_best":
-                cells.append(v if isinstance(v, str) else
-                             f"{100 * v['difference']:+.1f} pts [{100 * v['ci95'][0]:+.1f}, "
-                             f"{100 * v['ci95'][1]:+.1f}]")
-            elif isinstance(v, float):
-                cells.append(f"{v:,.1f}")
-            elif isinstance(v, int):
-                cells.append(f"{v:,}")
-            else:
-                cells.append(str(v))
-        lines.append("| " + " | ".join(cells) + f" | {r['status']} |")
+        lines.append("| " + " | ".join(_cell(k, r.get(k), r) for k, _ in columns)
+                     + f" | {r['status']} |")
+    if several:
+        lines += ["", "| strategy | seed | accuracy | macro-F1 | train s | run | status |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            for x in r.get("runs", []):
+                lines.append(f"| {r['strategy']} | {x['seed']} | "
+                             + " | ".join(_cell(k, x.get(k), {}) for k in
+                                          ("accuracy", "macro_f1", "train_seconds"))
+                             + f" | {Path(x['run']).relative_to(out)} | {x['status']} |")
     (out / "compare.md").write_text("\n".join(lines) + "\n")
     plot_compare(out / "compare.png", rows)
 
@@ -197,7 +256,7 @@ def plot_compare(path: Path, rows: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if r["status"] == "ok"]
+    ok = [r for r in rows if r.get("accuracy") is not None]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     if ok:
         biggest = max(max(r.get("trainable_params") or 1 for r in ok), 1)
@@ -217,7 +276,7 @@ def plot_compare(path: Path, rows: list[dict]) -> None:
         lows = [(r.get("accuracy_ci95") or [r["accuracy"]])[0] for r in ok]
         highs = [(r.get("accuracy_ci95") or [0, r["accuracy"]])[1] for r in ok]
         ax.set_ylim(max(0, min(lows) - 0.05), min(1.0, max(highs + ys) + 0.03))
-    failed = [r["strategy"] for r in rows if r["status"] != "ok"]
+    failed = [r["strategy"] for r in rows if r.get("accuracy") is None]
     title = "accuracy (95% CI) vs training time (point area ~ trainable parameters)"
     ax.set(xlabel="training seconds", ylabel="test accuracy", title=title)
     ax.title.set_fontsize(10)

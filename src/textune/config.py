@@ -25,6 +25,9 @@ class DataArgs:
     truncation: str = "head"
     val_fraction: float = 0.1
     test_fraction: float = 0.1
+    split_seed: int | None = None
+    """Seed of the train/val/test split, the --limit sample and the max-length sample; None:
+    the training seed. Fixed apart from it, runs with different seeds share their splits."""
 
 
 @dataclass
@@ -162,6 +165,10 @@ class RunConfig:
             if not ok:
                 raise UserError(msg)
         return self
+
+    @property
+    def split_seed(self) -> int:
+        return self.train.seed if self.data.split_seed is None else self.data.split_seed
 
     def plan_rows(self) -> int:
         """Rows of the largest batch at full length, for the memory plan: with a token budget,

@@ -58,6 +58,22 @@ def bootstrap(y_true: np.ndarray, preds: list[np.ndarray], n_classes: int,
     return acc, f1
 
 
+def bootstrap_means(values: np.ndarray, resamples: int = RESAMPLES,
+                    seed: int = 0) -> np.ndarray:
+    """Means over bootstrap resamples of the columns of ``values`` [m, n] (one line per
+    classifier, one column per row: e.g. 1 where it was right), the same resamples for every
+    line. Returns [m, resamples]."""
+    values = np.asarray(values, dtype=np.float64)
+    n = values.shape[1]
+    rng = np.random.default_rng(seed)
+    out = np.empty((len(values), resamples))
+    chunk = max(1, 2_000_000 // max(n, 1))
+    for start in range(0, resamples, chunk):
+        idx = rng.integers(0, n, size=(min(chunk, resamples - start), n))
+        out[:, start:start + len(idx)] = values[:, idx].mean(-1)
+    return out
+
+
 def resampled_scores(y: np.ndarray, pred: np.ndarray, idx: np.ndarray,
                      k: int) -> tuple[np.ndarray, np.ndarray]:
     """Accuracy and macro-F1 (absent classes count 0, as sklearn's ``zero_division=0``) of the

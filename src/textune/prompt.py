@@ -76,6 +76,10 @@ class PromptArgs:
     """Tokens of each text kept (its beginning)."""
     kv_cache: bool = True
     seed: int = 0
+    split_seed: int | None = None
+    """Seed of the split and of --limit's sample (default: ``seed``), as in `textune train`."""
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
     out: str = ""
 
 
@@ -343,7 +347,9 @@ def run_prompt(a: PromptArgs, *, progress: bool = True, overwrite: bool = False)
     t0 = time.perf_counter()
     seed_everything(a.seed)
     cfg = RunConfig(DataArgs(a.data, val=a.val, test=a.test, text_col=a.text_col,
-                             label_col=a.label_col), ModelArgs(a.model), train=TrainArgs(seed=a.seed))
+                             label_col=a.label_col, val_fraction=a.val_fraction,
+                             test_fraction=a.test_fraction, split_seed=a.split_seed),
+                    ModelArgs(a.model), train=TrainArgs(seed=a.seed))
     splits = load_splits(cfg)  # the same splits (and seed) as `textune train`
     names = splits.labels
     ev = getattr(splits, a.split)
@@ -352,7 +358,7 @@ def run_prompt(a: PromptArgs, *, progress: bool = True, overwrite: bool = False)
     if len(keep) < len(ev):
         log.warning("%d %s rows have labels unseen in training; not scored", len(ev) - len(keep),
                     a.split)
-    ev = ev.subset(limit_indices(keep, ev.labels, a.limit, a.seed))
+    ev = ev.subset(limit_indices(keep, ev.labels, a.limit, cfg.split_seed))
     verbalizers = parse_verbalizers(a.labels, names)
     demos_named = draw_demos(splits.train.texts, splits.train.labels, names, a.shots, a.seed,
                              exclude=set(ev.texts))
