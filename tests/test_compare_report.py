@@ -142,3 +142,26 @@ def test_adapter_where(tiny_bert, where, expect):
     m = get_strategy("adapter", reduction=4, where=where).setup(
         TextClassifier(load_backbone(str(tiny_bert)), 2))
     assert sum(1 for n, _ in m.named_modules() if n.endswith(".adapter")) == expect
+
+
+def test_paired_differences_flag_what_the_seeds_cannot_tell(tmp_path):
+    from textune.compare import paired_differences
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400).astype(str)
+
+    def run(name, right_share, sd):
+        folder = tmp_path / name
+        folder.mkdir()
+        pred = np.where(rng.random(400) < right_share, y, np.where(y == "1", "0", "1"))
+        pd.DataFrame({"text": [f"t{i}" for i in range(400)], "label": y,
+                      "predicted": pred}).to_csv(folder / "predictions.csv", index=False)
+        return {"strategy": name, "status": "ok", "run": str(folder),
+                "accuracy": float((pred == y).mean()), "accuracy_sd": sd}
+
+    rows = [run("a", 0.9, 0.005), run("b", 0.86, 0.05), run("c", 0.6, 0.005)]
+    paired_differences(rows)
+    a, b, c = (r["accuracy_vs_best"] for r in rows)
+    assert a == "best"
+    assert b["within_seed_spread"] and "within_seed_spread" not in c  # 4 pts < sd 5 pts
+    assert c["ci95"][1] < 0 and c["difference"] < b["difference"]

@@ -182,10 +182,18 @@ def paired_differences(rows: list[dict]) -> None:
     if len(names) < 2:
         return
     best = max(range(len(names)), key=lambda i: right[names[i]].mean())
+    spread = by_name[names[best]].get("accuracy_sd") or 0
     for i, n in enumerate(names):
-        by_name[n]["accuracy_vs_best"] = "best" if i == best else {
-            "difference": round(float(right[n].mean() - right[names[best]].mean()), 4),
-            "ci95": interval(means[i] - means[best])}
+        if i == best:
+            by_name[n]["accuracy_vs_best"] = "best"
+            continue
+        diff = float(right[n].mean() - right[names[best]].mean())
+        by_name[n]["accuracy_vs_best"] = {"difference": round(diff, 4),
+                                          "ci95": interval(means[i] - means[best])}
+        # the interval counts the test rows' sampling, not the seeds': flag a difference
+        # smaller than how much either strategy moves from seed to seed
+        if abs(diff) < max(spread, by_name[n].get("accuracy_sd") or 0):
+            by_name[n]["accuracy_vs_best"]["within_seed_spread"] = True
 
 
 def _cell(k: str, v, r: dict) -> str:
@@ -200,7 +208,8 @@ def _cell(k: str, v, r: dict) -> str:
         return f"{v:.4f}"
     if k == "accuracy_vs_best":
         return v if isinstance(v, str) else (f"{100 * v['difference']:+.1f} pts "
-                                             f"[{100 * v['ci95'][0]:+.1f}, {100 * v['ci95'][1]:+.1f}]")
+                                             f"[{100 * v['ci95'][0]:+.1f}, {100 * v['ci95'][1]:+.1f}]"
+                                             + (" †" if v.get("within_seed_spread") else ""))
     if isinstance(v, float):
         return f"{v:,.1f}"
     if isinstance(v, int):
@@ -231,7 +240,10 @@ def write_outputs(out: Path, rows: list[dict], base: RunConfig,
              "Brackets: 95% bootstrap intervals over the test rows. `vs best` pairs each "
              "strategy's predictions with the most accurate one's on the same rows: an interval "
              "that excludes 0 is a difference this test set can tell; one that includes 0 is "
-             "not." + (" `sd over seeds` is how much training itself varies." if several else ""),
+             "not." + (" `sd over seeds` is how much training itself varies; the intervals "
+                       "count the test rows' sampling only, so a difference marked † (smaller "
+                       "than either strategy's sd over seeds) needs more seeds to be sure."
+                       if several else ""),
              "", "| " + " | ".join(h for _, h in columns) + " | status |",
              "|" + "---|" * (len(columns) + 1)]
     for r in rows:
