@@ -165,3 +165,28 @@ def test_paired_differences_flag_what_the_seeds_cannot_tell(tmp_path):
     assert a == "best"
     assert b["within_seed_spread"] and "within_seed_spread" not in c  # 4 pts < sd 5 pts
     assert c["ci95"][1] < 0 and c["difference"] < b["difference"]
+
+
+def test_temperature_fitted_on_validation_and_used_everywhere(tiny_bert, toy_csv, tmp_path,
+                                                                capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_bert), "--data", str(toy_csv), "--epochs", "1",
+                 "--lr", "3e-4", "--out", str(run), "--quiet"]) == 0
+    t = json.loads((run / "calibration.json").read_text())["temperature"]
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["temperature"] == round(t, 4) and t != 1.0 and "ece_before_temperature" in m
+    clf = textune.load(run)
+    texts = ["good film", "awful dull plot", "the story"]
+    from textune.metrics import softmax
+
+    assert clf.temperature == t
+    assert np.allclose(clf.predict_proba(texts), softmax(clf.logits(texts) / t), atol=1e-6)
+    # the test rows' probabilities in predictions.csv are the calibrated ones
+    pred = pd.read_csv(run / "predictions.csv", keep_default_na=False)
+    got = clf.predict_proba(pred["text"].tolist()[:5])
+    assert np.allclose(got, pred[["p_neg", "p_pos"]].to_numpy()[:5], atol=2e-3)
+    plain = tmp_path / "plain"
+    assert main(["train", "--model", str(tiny_bert), "--data", str(toy_csv), "--epochs", "1",
+                 "--lr", "3e-4", "--calibration", "none", "--out", str(plain), "--quiet"]) == 0
+    assert not (plain / "calibration.json").exists() and textune.load(plain).temperature == 1.0
+    assert "temperature" not in json.loads((plain / "metrics.json").read_text())

@@ -75,3 +75,17 @@ def test_bootstrap_means_of_right_answers_are_the_bootstrap_accuracies():
     acc, _ = bootstrap(y, preds, 3, resamples=300, seed=5)
     means = bootstrap_means(np.stack([p == y for p in preds]), resamples=300, seed=5)
     assert np.allclose(acc, means)
+
+
+def test_temperature_scaling_recovers_the_scale_and_calibrates():
+    from textune.metrics import fit_temperature, softmax
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 1, (3000, 3))
+    logits[np.arange(3000), rng.integers(0, 3, 3000)] += 1.5
+    y = np.array([rng.choice(3, p=p) for p in softmax(logits)])  # calibrated at T = 1
+    for scale in (0.3, 3.0):  # under- and overconfident versions of the same classifier
+        t = fit_temperature(logits * scale, y)
+        assert np.isclose(t, scale, rtol=0.1)
+        assert calibration_error(y, softmax(logits * scale / t)) < 0.03 < \
+            calibration_error(y, softmax(logits * scale))

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import __version__, loop
-from .classifier import Classifier, build_model, load
+from .classifier import CALIBRATION, Classifier, build_model, load
 from .config import RunConfig
 from .data import (
     UNKNOWN_WARN,
@@ -42,7 +42,7 @@ from .loop import (
     predict_logits,
     resolve_precision,
 )
-from .metrics import classification_metrics
+from .metrics import calibration_error, classification_metrics, fit_temperature, softmax
 from .modeling import count_params, load_tokenizer, resolve_model
 from .strategies import get_strategy
 
@@ -256,15 +256,19 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
         feature_seconds = time.perf_counter() - tf
 
     best_state: dict[str, torch.Tensor] = {}
+    val_logits: dict[str, np.ndarray] = {}  # the last epoch's, and the best epoch's
 
     def on_best() -> None:  # `model` shares its parameters with whatever loop.fit() wraps it in
         best_state.clear()
         best_state.update({n: p.detach().cpu().clone() for n, p in model.named_parameters()
                            if p.requires_grad})
+        if "last" in val_logits:
+            val_logits["best"] = val_logits["last"]
         if accelerator.is_main_process:
             strategy.save(model, out)
 
     def evaluate(logits: np.ndarray) -> dict:
+        val_logits["last"] = logits
         return classification_metrics(val_data.labels, logits, splits.labels)
 
     state = loop.fit(model, train_data, val_data, cfg.train, lr=lr, accelerator=accelerator,
@@ -277,10 +281,28 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
     elif resume and state.best_epoch > 0:  # best was saved by the interrupted process
         model = strategy.load(_rebuild_for_load(cfg, splits, strategy, out), out).to(device)
 
+    temperature = 1.0
+    if cfg.train.calibration == "temperature" and len(enc["val"]):
+        vl = val_logits.get("best")
+        if vl is None:  # (a resumed run whose best epoch was scored by the earlier process)
+            vl = predict_logits(model, enc["val"], cfg.train.eval_batch_size, device,
+                                amp_dtype(accelerator))
+        temperature = fit_temperature(vl, enc["val"].labels)
+        log.info("temperature %.3f fitted on the validation split (probabilities calibrated; "
+                 "--calibration none turns it off)", temperature)
+        if accelerator.is_main_process:
+            (out / CALIBRATION).write_text(json.dumps(
+                {"temperature": temperature, "fitted_on": f"validation split "
+                 f"({len(enc['val'])} rows)"}, indent=2) + "\n")
+
     test_logits = predict_logits(model, enc["test"], cfg.train.eval_batch_size, device,
                                  amp_dtype(accelerator), progress=progress, desc="test")
-    metrics = held_out_metrics(splits.test, enc["test"].labels, test_logits, splits.labels,
-                               out if accelerator.is_main_process else None)
+    metrics = held_out_metrics(splits.test, enc["test"].labels, test_logits / temperature,
+                               splits.labels, out if accelerator.is_main_process else None)
+    if temperature != 1.0:
+        metrics["temperature"] = round(temperature, 4)
+        metrics["ece_before_temperature"] = round(calibration_error(
+            enc["test"].labels, softmax(test_logits.astype(np.float64))), 4)
     train_seconds = state.train_seconds + feature_seconds
     metrics.update({
         "split": "test",
@@ -326,7 +348,6 @@ def held_out_metrics(table: Table, y: np.ndarray, logits: np.ndarray, names: lis
     ``folder``, every row's prediction goes to its predictions.csv (for error analysis, the
     report's mistakes table and `compare`'s paired differences)."""
     from .data import write_frame
-    from .metrics import softmax
 
     metrics = classification_metrics(y, logits, names, uncertainty=True)
     if folder is not None:
@@ -503,7 +524,7 @@ def evaluate_run(run: str | Path, data: str, out: str | Path | None = None, *,
 
     y = encode_labels(table.labels, clf.labels, table.source)
     t = time.perf_counter()
-    logits = clf.logits(table.texts, table.pairs, progress=progress)
+    logits = clf.logits(table.texts, table.pairs, progress=progress) / clf.temperature
     secs = time.perf_counter() - t
     o = prepare_out_dir(out, False) if out else None
     metrics = held_out_metrics(table, y, logits, clf.labels, o)

@@ -41,6 +41,10 @@ def build_model(cfg: RunConfig, num_labels: int, base: str | None = None,
     return model
 
 
+CALIBRATION = "calibration.json"
+"""The run's fitted temperature (see ``TrainArgs.calibration``)."""
+
+
 class Classifier:
     """A trained text classifier with its tokenizer, labels and settings."""
 
@@ -56,6 +60,9 @@ class Classifier:
         self.device = torch.device(device)
         self.metrics: dict | None = None
         """The run's test metrics (its metrics.json), when loaded from a finished run."""
+        self.temperature = 1.0
+        """Logits are divided by it before the softmax (fitted on validation rows after
+        training, calibration.json): probabilities that mean what they say."""
 
     def encode(self, texts: list[str], pairs: list[str] | None = None) -> Encoded:
         return encode(self.tokenizer, Table(list(texts), None, pairs, "input"),
@@ -132,7 +139,7 @@ class Classifier:
     def predict_proba(self, texts: list[str], pairs: list[str] | None = None,
                       batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """Class probabilities, ``[len(texts), len(labels)]``, columns in ``self.labels`` order."""
-        return softmax(self.logits(texts, pairs, batch_size, progress))
+        return softmax(self.logits(texts, pairs, batch_size, progress) / self.temperature)
 
     def predict(self, texts: list[str], pairs: list[str] | None = None,
                 batch_size: int = 64) -> list[str]:
@@ -144,7 +151,7 @@ class Classifier:
         assert table.labels is not None
         y = encode_labels(table.labels, self.labels, table.source)
         logits = self.logits(table.texts, table.pairs, batch_size, progress=progress)
-        return classification_metrics(y, logits, self.labels, uncertainty=True)
+        return classification_metrics(y, logits / self.temperature, self.labels, uncertainty=True)
 
 
 def load(run_dir: str | Path, device: str | None = None) -> Classifier:
@@ -171,4 +178,6 @@ def load(run_dir: str | Path, device: str | None = None) -> Classifier:
     clf = Classifier(model, tokenizer, labels, cfg, device)
     if (run / "metrics.json").exists():
         clf.metrics = json.loads((run / "metrics.json").read_text())
+    if (run / CALIBRATION).exists():
+        clf.temperature = float(json.loads((run / CALIBRATION).read_text())["temperature"])
     return clf

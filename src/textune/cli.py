@@ -94,6 +94,9 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--split-seed", type=int, help=SPLIT_SEED_HELP)
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     g.add_argument("--class-weights", default="none", choices=["none", "auto"])
+    g.add_argument("--calibration", default="temperature", choices=["temperature", "none"],
+                   help="temperature: fit one temperature on the validation split after "
+                        "training so probabilities are calibrated (labels unchanged)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile (GPU; pays a warm-up per length bucket, for long jobs)")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps too")

@@ -95,6 +95,9 @@ class TrainArgs:
     seed: int = 0
     precision: str = "auto"
     class_weights: str = "none"
+    calibration: str = "temperature"
+    """temperature: after training, fit one temperature on the validation split so the predicted
+    probabilities are calibrated (predictions unchanged); none: raw softmax."""
     compile: bool = False
     """torch.compile the model; lengths are padded to multiples of 64 so few shapes compile."""
     pad_multiple: int = 0
@@ -151,6 +154,8 @@ class RunConfig:
             (t.precision in ("auto", "fp32", "bf16", "fp16"),
              "--precision: choose auto, fp32, bf16 or fp16"),
             (t.class_weights in ("none", "auto"), "--class-weights: choose none or auto"),
+            (t.calibration in ("temperature", "none"),
+             "--calibration: choose temperature or none"),
             (t.max_steps is None or t.max_steps >= 1, "--max-steps must be >= 1"),
             (t.patience is None or t.patience >= 1, "--patience must be >= 1"),
             (d.limit is None or d.limit >= 2, "--limit must be >= 2"),

@@ -11,7 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .classifier import load
+from .classifier import CALIBRATION, load
 from .errors import UserError
 
 
@@ -37,6 +37,8 @@ def export_run(run: str | Path, out: str | Path, merge: bool = True) -> Path:
     save_head(clf.model, out)
     clf.tokenizer.save_pretrained(out / "tokenizer")
     shutil.copy(run / "labels.json", out / "labels.json")
+    if (run / CALIBRATION).exists():
+        shutil.copy(run / CALIBRATION, out / CALIBRATION)
     cfg.strategy.name = "full"
     cfg.out = str(out)
     cfg.save(out / "config.json")

@@ -104,6 +104,24 @@ def calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = ECE_BIN
     return float(np.abs(gap).sum() / max(len(conf), 1))
 
 
+def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
+    """Temperature scaling (Guo et al. 2017): the T > 0 that minimises the negative
+    log-likelihood of softmax(logits / T) on held-out rows. Dividing by T never changes which
+    class is predicted; it makes the probabilities mean what they say."""
+    from scipy.optimize import minimize_scalar
+
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(y_true, dtype=np.int64)
+
+    def nll(log_t: float) -> float:
+        s = z / np.exp(log_t)
+        s = s - s.max(1, keepdims=True)
+        return float(np.mean(np.log(np.exp(s).sum(1)) - s[np.arange(len(y)), y]))
+
+    r = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    return float(np.exp(r.x))
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(-1, keepdims=True)
     e = np.exp(z)

@@ -197,7 +197,10 @@ def write_report(folder: str | Path, metrics: dict | None = None, title: str | N
                ["macro-F1", f"{metrics['macro_f1']:.4f}{_ci(metrics, 'macro_f1')}"],
                ["evaluated on", f"{metrics['split']} (n={metrics['n_eval']})"]]
     if "ece" in metrics:
-        summary.append(["calibration error (ECE)", f"{metrics['ece']:.4f}"])
+        before = metrics.get("ece_before_temperature")
+        summary.append(["calibration error (ECE)", f"{metrics['ece']:.4f}" + (
+            f" (temperature {metrics['temperature']:.2f}; {before:.4f} before it)"
+            if before is not None else "")])
     for key, label in (("model", "model"), ("strategy", "strategy"), ("train_seconds", "train s"),
                        ("train_samples_per_second", "samples/s"),
                        ("trainable_params", "trainable params"), ("total_params", "total params"),
