@@ -168,7 +168,7 @@ def test_paired_differences_flag_what_the_seeds_cannot_tell(tmp_path):
 
 
 def test_temperature_fitted_on_validation_and_used_everywhere(tiny_bert, toy_csv, tmp_path,
-                                                                capsys):
+                                                                capsys, caplog):
     run = tmp_path / "run"
     assert main(["train", "--model", str(tiny_bert), "--data", str(toy_csv), "--epochs", "1",
                  "--lr", "3e-4", "--out", str(run), "--quiet"]) == 0
@@ -190,3 +190,10 @@ def test_temperature_fitted_on_validation_and_used_everywhere(tiny_bert, toy_csv
                  "--lr", "3e-4", "--calibration", "none", "--out", str(plain), "--quiet"]) == 0
     assert not (plain / "calibration.json").exists() and textune.load(plain).temperature == 1.0
     assert "temperature" not in json.loads((plain / "metrics.json").read_text())
+    # 20 validation rows are too few to fit it on: left at 1, and said so
+    small, data = tmp_path / "small", write_csv(tmp_path / "small.csv", toy_rows(200))
+    caplog.set_level("INFO", logger="textune")
+    assert main(["train", "--model", str(tiny_bert), "--data", str(data), "--epochs", "1",
+                 "--out", str(small)]) == 0
+    assert not (small / "calibration.json").exists()
+    assert "probabilities not calibrated: the validation split has 20 rows" in caplog.text

@@ -287,10 +287,18 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
         if vl is None:  # (a resumed run whose best epoch was scored by the earlier process)
             vl = predict_logits(model, enc["val"], cfg.train.eval_batch_size, device,
                                 amp_dtype(accelerator))
-        temperature = fit_temperature(vl, enc["val"].labels)
-        log.info("temperature %.3f fitted on the validation split (probabilities calibrated; "
-                 "--calibration none turns it off)", temperature)
-        if accelerator.is_main_process:
+        wrong = int((vl.argmax(1) != enc["val"].labels).sum())
+        if len(vl) < MIN_CALIBRATION_ROWS or wrong == 0:
+            # with no mistake to weigh, the likelihood only grows as the temperature falls:
+            # the fit would make every probability ~1
+            log.info("probabilities not calibrated: the validation split has %d rows and %d "
+                     "mistakes (needs %d rows and a mistake)", len(vl), wrong,
+                     MIN_CALIBRATION_ROWS)
+        else:
+            temperature = fit_temperature(vl, enc["val"].labels)
+            log.info("temperature %.3f fitted on the validation split (probabilities "
+                     "calibrated; --calibration none turns it off)", temperature)
+        if accelerator.is_main_process and temperature != 1.0:
             (out / CALIBRATION).write_text(json.dumps(
                 {"temperature": temperature, "fitted_on": f"validation split "
                  f"({len(enc['val'])} rows)"}, indent=2) + "\n")
@@ -340,6 +348,7 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
 
 
 PREDICTIONS = "predictions.csv"
+MIN_CALIBRATION_ROWS = 50  # fewer validation rows than this: no temperature is fitted
 
 
 def held_out_metrics(table: Table, y: np.ndarray, logits: np.ndarray, names: list[str],
