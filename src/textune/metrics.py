@@ -45,17 +45,23 @@ def bootstrap(y_true: np.ndarray, preds: list[np.ndarray], n_classes: int,
     resamples of the rows, the same resamples for every prediction (so differences between
     them are paired). Returns two arrays of shape [len(preds), resamples]."""
     y = np.asarray(y_true, dtype=np.int64)
-    n, k = len(y), n_classes
-    rng = np.random.default_rng(seed)
     acc = np.empty((len(preds), resamples))
     f1 = np.empty((len(preds), resamples))
-    chunk = max(1, 2_000_000 // max(n, 1))  # bounds the index matrix to ~16 MB
-    for start in range(0, resamples, chunk):
-        idx = rng.integers(0, n, size=(min(chunk, resamples - start), n))
+    for cols, idx in _index_chunks(len(y), resamples, seed):
         for j, pred in enumerate(preds):
-            acc[j, start:start + len(idx)], f1[j, start:start + len(idx)] = \
-                resampled_scores(y, pred, idx, k)
+            acc[j, cols], f1[j, cols] = resampled_scores(y, pred, idx, n_classes)
     return acc, f1
+
+
+def _index_chunks(n: int, resamples: int, seed: int):
+    """Bootstrap resamples of ``n`` rows as index matrices, a chunk of resamples at a time
+    (each matrix at most ~16 MB): yields (the resamples' slice, their [r, n] indices). The same
+    ``seed`` gives the same resamples to every caller."""
+    rng = np.random.default_rng(seed)
+    chunk = max(1, 2_000_000 // max(n, 1))
+    for start in range(0, resamples, chunk):
+        r = min(chunk, resamples - start)
+        yield slice(start, start + r), rng.integers(0, n, size=(r, n))
 
 
 def bootstrap_means(values: np.ndarray, resamples: int = RESAMPLES,
@@ -64,13 +70,9 @@ def bootstrap_means(values: np.ndarray, resamples: int = RESAMPLES,
     classifier, one column per row: e.g. 1 where it was right), the same resamples for every
     line. Returns [m, resamples]."""
     values = np.asarray(values, dtype=np.float64)
-    n = values.shape[1]
-    rng = np.random.default_rng(seed)
     out = np.empty((len(values), resamples))
-    chunk = max(1, 2_000_000 // max(n, 1))
-    for start in range(0, resamples, chunk):
-        idx = rng.integers(0, n, size=(min(chunk, resamples - start), n))
-        out[:, start:start + len(idx)] = values[:, idx].mean(-1)
+    for cols, idx in _index_chunks(values.shape[1], resamples, seed):
+        out[:, cols] = values[:, idx].mean(-1)
     return out
 
 
