@@ -529,11 +529,8 @@ def evaluate_run(run: str | Path, data: str, out: str | Path | None = None, *,
                            label_col=label_col or cfg.data.label_col,
                            pair_col=pair_col or cfg.data.text_pair_col)
         split_name = f"all rows of {data}"
-    from .data import encode_labels
-
-    y = encode_labels(table.labels, clf.labels, table.source)
     t = time.perf_counter()
-    logits = clf.logits(table.texts, table.pairs, progress=progress) / clf.temperature
+    y, logits = clf.scores(table, progress=progress)
     secs = time.perf_counter() - t
     o = prepare_out_dir(out, False) if out else None
     metrics = held_out_metrics(table, y, logits, clf.labels, o)

@@ -145,13 +145,19 @@ class Classifier:
                 batch_size: int = 64) -> list[str]:
         return [self.labels[i] for i in self.logits(texts, pairs, batch_size).argmax(-1)]
 
-    def evaluate(self, table: Table, batch_size: int = 64, progress: bool = False) -> dict:
+    def scores(self, table: Table, batch_size: int = 64,
+               progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """A labelled table's labels as indices into ``self.labels``, and its logits divided
+        by the run's temperature (their softmax is ``predict_proba``)."""
         from .data import encode_labels
 
         assert table.labels is not None
         y = encode_labels(table.labels, self.labels, table.source)
-        logits = self.logits(table.texts, table.pairs, batch_size, progress=progress)
-        return classification_metrics(y, logits / self.temperature, self.labels, uncertainty=True)
+        return y, self.logits(table.texts, table.pairs, batch_size, progress) / self.temperature
+
+    def evaluate(self, table: Table, batch_size: int = 64, progress: bool = False) -> dict:
+        y, logits = self.scores(table, batch_size, progress)
+        return classification_metrics(y, logits, self.labels, uncertainty=True)
 
 
 def load(run_dir: str | Path, device: str | None = None) -> Classifier:
