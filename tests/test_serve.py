@@ -30,6 +30,9 @@ class FakeClassifier:
         p = np.array([[0.1, 0.9] if "pos" in t else [0.8, 0.2] for t in texts])
         return p
 
+    def decide(self, probs):
+        return [self.labels[i] for i in probs.argmax(1)]
+
 
 @pytest.fixture
 def client(tmp_path):

@@ -42,8 +42,16 @@ from .loop import (
     predict_logits,
     resolve_precision,
 )
-from .metrics import calibration_error, classification_metrics, fit_temperature, softmax
-from .modeling import count_params, load_tokenizer, resolve_model
+from .metrics import (
+    MIN_THRESHOLD_POSITIVES,
+    calibration_error,
+    classification_metrics,
+    fit_temperature,
+    fit_thresholds,
+    sigmoid,
+    softmax,
+)
+from .modeling import classification_loss, count_params, load_tokenizer, resolve_model
 from .strategies import get_strategy
 
 log = logging.getLogger(__name__)
@@ -97,8 +105,12 @@ class Splits:
 def load_splits(cfg: RunConfig) -> Splits:
     """Read the data and make train / val / test (stratified, duplicates kept together)."""
     d = cfg.data
-    cols = {"text_col": d.text_col, "label_col": d.label_col, "pair_col": d.text_pair_col}
+    cols = {"text_col": d.text_col, "label_col": d.label_col, "pair_col": d.text_pair_col,
+            "multi_label": d.multi_label, "label_sep": d.label_sep}
     main = read_table(resolve_data(d.data), **cols)
+    if d.multi_label and d.label_sep is None:
+        d.label_sep = main.label_sep  # (val / test files split as the training file)
+        cols["label_sep"] = d.label_sep
     val = read_table(resolve_data(d.val), **cols) if d.val else None
     test = read_table(resolve_data(d.test), **cols) if d.test else None
     tr, va, te = split_indices(main, d.val_fraction, d.test_fraction, cfg.split_seed,
@@ -112,8 +124,12 @@ def load_splits(cfg: RunConfig) -> Splits:
                                        cfg.split_seed))
     labels = build_label_names(train.labels)
     if len(labels) < 2:
-        raise UserError(f"{d.data}: the training split has one class only; check --label-col "
-                        f"or raise --limit")
+        raise UserError(f"{d.data}: the training split has one {'tag' if d.multi_label else 'class'}"
+                        f" only; check --label-col or raise --limit")
+    if not d.multi_label and main.labels and _looks_multi_label(main.labels):
+        log.warning("%s: labels like %r look like several tags a row; each combination is now "
+                    "one class. For tags, pass --multi-label", d.data,
+                    next(filter(_tag_list, main.labels)))
     split = {"train": len(train), "train_before_limit": n_full, "val": len(val),
              "test": len(test), "source": "files" if (d.val or d.test) else
              f"stratified split of {d.data} (seed {cfg.split_seed})"}
@@ -130,6 +146,17 @@ def load_splits(cfg: RunConfig) -> Splits:
                         "scores overstate how the model does on new text", given, n, len(part),
                         100 * n / len(part))
     return Splits(train, val, test, labels, split)
+
+
+def _tag_list(label: str) -> bool:
+    """Whether a label reads as several tags: '[...]', 'a|b' or 'a;b'."""
+    return (label.startswith("[") and label.endswith("]")) or "|" in label or ";" in label
+
+
+def _looks_multi_label(labels: list[str]) -> bool:
+    """Whether more than a few labels read as tag lists."""
+    sample = labels[:2000]
+    return sum(map(_tag_list, sample)) > max(2, len(sample) // 50)
 
 
 def _same_text(text: str, pair: str | None) -> tuple[str, str | None]:
@@ -232,16 +259,22 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
         tokenizer.save_pretrained(out / "tokenizer")
 
     class_weights = None
-    counts = np.bincount(enc["train"].labels, minlength=len(splits.labels)).astype(np.float64)
+    multi = cfg.data.multi_label
+    y_train = enc["train"].labels
+    counts = y_train.sum(0).astype(np.float64) if multi else \
+        np.bincount(y_train, minlength=len(splits.labels)).astype(np.float64)
     big, small = int(counts.argmax()), int(counts.argmin())
     if cfg.train.class_weights != "auto" and counts[big] >= 5 * counts[small]:
         log.info("imbalanced classes (%r: %d rows, %r: %d): macro-F1 picks the best epoch; "
                  "--class-weights auto also weighs the loss by inverse frequency",
                  splits.labels[big], counts[big], splits.labels[small], counts[small])
     if cfg.train.class_weights == "auto":
-        class_weights = torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)),
-                                     dtype=torch.float32)
-        log.info("class weights %s", np.round(class_weights.numpy(), 3).tolist())
+        # multi-label: each tag's positive rows weigh (rows without it / rows with it)
+        w = (len(y_train) - counts) / np.maximum(counts, 1) if multi else \
+            counts.sum() / (len(counts) * np.maximum(counts, 1))
+        class_weights = torch.tensor(w, dtype=torch.float32)
+        log.info("%s weights %s", "positive-tag" if multi else "class",
+                 np.round(class_weights.numpy(), 3).tolist())
 
     train_data: Encoded | FeatureData = enc["train"]
     val_data: Encoded | FeatureData = enc["val"]
@@ -281,7 +314,23 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
     elif resume and state.best_epoch > 0:  # best was saved by the interrupted process
         model = strategy.load(_rebuild_for_load(cfg, splits, strategy, out), out).to(device)
 
-    temperature = 1.0
+    temperature, thresholds = 1.0, None
+    if cfg.train.calibration == "thresholds" and len(enc["val"]):
+        vl = val_logits.get("best")
+        if vl is None:
+            vl = predict_logits(model, enc["val"], cfg.train.eval_batch_size, device,
+                                amp_dtype(accelerator))
+        thresholds = fit_thresholds(vl, enc["val"].labels)
+        log.info("tag thresholds chosen on the validation split for the best F1 (%d of %d tags "
+                 "had %d or more positive rows to choose on; the others keep 0.5; --calibration none "
+                 "keeps 0.5 for all)", int((enc["val"].labels.sum(0) >= MIN_THRESHOLD_POSITIVES
+                                            ).sum()), len(splits.labels),
+                 MIN_THRESHOLD_POSITIVES)
+        if accelerator.is_main_process:
+            (out / CALIBRATION).write_text(json.dumps(
+                {"thresholds": dict(zip(splits.labels, thresholds.tolist())),
+                 "fitted_on": f"validation split ({len(enc['val'])} rows)"}, indent=2,
+                ensure_ascii=False) + "\n")
     if cfg.train.calibration == "temperature" and len(enc["val"]):
         vl = val_logits.get("best")
         if vl is None:  # (a resumed run whose best epoch was scored by the earlier process)
@@ -306,7 +355,12 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
     test_logits = predict_logits(model, enc["test"], cfg.train.eval_batch_size, device,
                                  amp_dtype(accelerator), progress=progress, desc="test")
     metrics = held_out_metrics(splits.test, enc["test"].labels, test_logits / temperature,
-                               splits.labels, out if accelerator.is_main_process else None)
+                               splits.labels, out if accelerator.is_main_process else None,
+                               thresholds=thresholds, label_sep=cfg.data.label_sep)
+    if thresholds is not None:
+        at_half = classification_metrics(enc["test"].labels, test_logits, splits.labels)
+        metrics["macro_f1_at_0.5"] = round(at_half["macro_f1"], 4)
+        metrics["accuracy_at_0.5"] = round(at_half["accuracy"], 4)
     if temperature != 1.0:
         metrics["temperature"] = round(temperature, 4)
         metrics["ece_before_temperature"] = round(calibration_error(
@@ -352,22 +406,37 @@ MIN_CALIBRATION_ROWS = 50  # fewer validation rows than this: no temperature is 
 
 
 def held_out_metrics(table: Table, y: np.ndarray, logits: np.ndarray, names: list[str],
-                     folder: Path | None) -> dict:
+                     folder: Path | None, *, thresholds: np.ndarray | None = None,
+                     label_sep: str | None = None) -> dict:
     """Metrics of held-out rows with their 95% intervals and calibration error; with
     ``folder``, every row's prediction goes to its predictions.csv (for error analysis, the
-    report's mistakes table and `compare`'s paired differences)."""
+    report's mistakes table and `compare`'s paired differences). Multi-label rows (``y`` 0/1
+    rows): their tags joined by ``label_sep`` (default ``|``), sigmoid probabilities."""
     from .data import write_frame
 
-    metrics = classification_metrics(y, logits, names, uncertainty=True)
+    metrics = classification_metrics(y, logits, names, uncertainty=True, thresholds=thresholds)
     if folder is not None:
         import pandas as pd
 
+        if np.ndim(y) == 2:
+            probs = sigmoid(logits).round(4)
+            given = tag_names(y > 0.5, names, label_sep)
+            chosen = tag_names(probs >= (0.5 if thresholds is None else thresholds), names,
+                               label_sep)
+        else:
+            probs = softmax(logits.astype(np.float64)).round(4)
+            given, chosen = [names[i] for i in y], [names[i] for i in logits.argmax(1)]
         cols = {"text": table.texts, **({"text_pair": table.pairs} if table.pairs else {}),
-                "label": [names[i] for i in y], "predicted": [names[i] for i in logits.argmax(1)]}
-        probs = softmax(logits.astype(np.float64)).round(4)
+                "label": given, "predicted": chosen}
         cols.update({f"p_{n}": probs[:, i] for i, n in enumerate(names)})
         write_frame(pd.DataFrame(cols), folder / PREDICTIONS)
     return metrics
+
+
+def tag_names(chosen: np.ndarray, names: list[str], sep: str | None) -> list[str]:
+    """Each row's tags (a 0/1 row of ``names``) as one string, joined by ``sep`` (or |)."""
+    sep = sep or "|"
+    return [sep.join(names[j] for j in np.flatnonzero(row)) for row in chosen]
 
 
 def _report(folder: Path, metrics: dict) -> None:
@@ -426,7 +495,7 @@ def auto_batch_size(model, data: Encoded, cfg: RunConfig, accelerator, strategy:
             labels = batch.pop("labels")
             amp = amp_dtype(accelerator)
             with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
-                loss = torch.nn.functional.cross_entropy(model(**batch).float(), labels)
+                loss = classification_loss(model(**batch), labels)
             loss.backward()
             model.zero_grad(set_to_none=True)
             peak = torch.cuda.max_memory_allocated(device)
@@ -527,13 +596,15 @@ def evaluate_run(run: str | Path, data: str, out: str | Path | None = None, *,
     else:
         table = read_table(resolve_data(data), text_col=text_col or cfg.data.text_col,
                            label_col=label_col or cfg.data.label_col,
-                           pair_col=pair_col or cfg.data.text_pair_col)
+                           pair_col=pair_col or cfg.data.text_pair_col,
+                           multi_label=cfg.data.multi_label, label_sep=cfg.data.label_sep)
         split_name = f"all rows of {data}"
     t = time.perf_counter()
     y, logits = clf.scores(table, progress=progress)
     secs = time.perf_counter() - t
     o = prepare_out_dir(out, False) if out else None
-    metrics = held_out_metrics(table, y, logits, clf.labels, o)
+    metrics = held_out_metrics(table, y, logits, clf.labels, o, thresholds=clf.thresholds,
+                               label_sep=cfg.data.label_sep)
     metrics.update({"split": split_name, "run": str(run), "seconds": round(secs, 3),
                     "examples_per_second": round(len(table) / secs, 2)})
     if o:

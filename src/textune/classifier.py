@@ -12,7 +12,7 @@ from .config import RunConfig
 from .data import Encoded, Table, encode
 from .errors import UserError
 from .loop import predict_logits
-from .metrics import classification_metrics, softmax
+from .metrics import classification_metrics, sigmoid, softmax
 from .modeling import TextClassifier, load_backbone, load_tokenizer, resolve_model, set_dropout
 from .strategies import get_strategy
 
@@ -42,7 +42,7 @@ def build_model(cfg: RunConfig, num_labels: int, base: str | None = None,
 
 
 CALIBRATION = "calibration.json"
-"""The run's fitted temperature (see ``TrainArgs.calibration``)."""
+"""The run's fitted temperature, or multi-label thresholds (see ``TrainArgs.calibration``)."""
 
 
 class Classifier:
@@ -63,6 +63,12 @@ class Classifier:
         self.temperature = 1.0
         """Logits are divided by it before the softmax (fitted on validation rows after
         training, calibration.json): probabilities that mean what they say."""
+        self.multi_label = bool(config.data.multi_label)
+        """Each text gets any number of the labels (tags): sigmoid probabilities, one decision
+        per tag."""
+        self.thresholds = np.full(len(labels), 0.5) if self.multi_label else None
+        """Multi-label: the probability at which each tag is predicted (chosen on the
+        validation split after training, calibration.json; else 0.5)."""
 
     def encode(self, texts: list[str], pairs: list[str] | None = None) -> Encoded:
         return encode(self.tokenizer, Table(list(texts), None, pairs, "input"),
@@ -138,17 +144,30 @@ class Classifier:
 
     def predict_proba(self, texts: list[str], pairs: list[str] | None = None,
                       batch_size: int = 64, progress: bool = False) -> np.ndarray:
-        """Class probabilities, ``[len(texts), len(labels)]``, columns in ``self.labels`` order."""
-        return softmax(self.logits(texts, pairs, batch_size, progress) / self.temperature)
+        """Class probabilities, ``[len(texts), len(labels)]``, columns in ``self.labels`` order
+        (multi-label: each tag's own probability; rows need not sum to 1)."""
+        logits = self.logits(texts, pairs, batch_size, progress)
+        if self.multi_label:
+            return sigmoid(logits)
+        return softmax(logits / self.temperature)
+
+    def decide(self, probs: np.ndarray) -> list[str] | list[list[str]]:
+        """``predict_proba``'s rows -> the label of each (multi-label: the list of its tags
+        at or above their thresholds)."""
+        if self.multi_label:
+            return [[self.labels[j] for j in np.flatnonzero(row)]
+                    for row in probs >= self.thresholds]
+        return [self.labels[i] for i in probs.argmax(-1)]
 
     def predict(self, texts: list[str], pairs: list[str] | None = None,
-                batch_size: int = 64) -> list[str]:
-        return [self.labels[i] for i in self.logits(texts, pairs, batch_size).argmax(-1)]
+                batch_size: int = 64) -> list[str] | list[list[str]]:
+        """The label of each text; multi-label: the list of each text's tags."""
+        return self.decide(self.predict_proba(texts, pairs, batch_size))
 
     def scores(self, table: Table, batch_size: int = 64,
                progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """A labelled table's labels as indices into ``self.labels``, and its logits divided
-        by the run's temperature (their softmax is ``predict_proba``)."""
+        """A labelled table's labels as indices into ``self.labels`` (multi-label: 0/1 rows),
+        and its logits divided by the run's temperature (their softmax is ``predict_proba``)."""
         from .data import encode_labels
 
         assert table.labels is not None
@@ -157,7 +176,8 @@ class Classifier:
 
     def evaluate(self, table: Table, batch_size: int = 64, progress: bool = False) -> dict:
         y, logits = self.scores(table, batch_size, progress)
-        return classification_metrics(y, logits, self.labels, uncertainty=True)
+        return classification_metrics(y, logits, self.labels, uncertainty=True,
+                                      thresholds=self.thresholds)
 
 
 def load(run_dir: str | Path, device: str | None = None) -> Classifier:
@@ -185,5 +205,9 @@ def load(run_dir: str | Path, device: str | None = None) -> Classifier:
     if (run / "metrics.json").exists():
         clf.metrics = json.loads((run / "metrics.json").read_text())
     if (run / CALIBRATION).exists():
-        clf.temperature = float(json.loads((run / CALIBRATION).read_text())["temperature"])
+        fitted = json.loads((run / CALIBRATION).read_text(encoding="utf-8"))
+        if "thresholds" in fitted:
+            clf.thresholds = np.array([fitted["thresholds"][n] for n in labels])
+        else:
+            clf.temperature = float(fitted["temperature"])
     return clf

@@ -54,8 +54,14 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val", help="validation file (default: split from --data)")
     g.add_argument("--test", help="test file (default: split from --data)")
     g.add_argument("--text-col")
-    g.add_argument("--label-col")
+    g.add_argument("--label-col", help="the label column; with --multi-label, one column of "
+                   "tag lists or several 0/1 columns, comma-separated")
     g.add_argument("--text-pair-col")
+    g.add_argument("--multi-label", action="store_true",
+                   help="any number of labels a row (tags): a|b or [\"a\", \"b\"] cells, or 0/1 "
+                        "columns; empty = no tag")
+    g.add_argument("--label-sep", help="separator of a multi-label cell's tags (default: found: "
+                                       "| ; or ,)")
     g.add_argument("--limit", type=int, help="cap training rows (stratified sample)")
     g.add_argument("--max-length", type=int, help="tokens per text (default: covers ~99%%)")
     g.add_argument("--truncation", default="head", choices=["head", "head-tail"])
@@ -94,9 +100,12 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--split-seed", type=int, help=SPLIT_SEED_HELP)
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     g.add_argument("--class-weights", default="none", choices=["none", "auto"])
-    g.add_argument("--calibration", default="temperature", choices=["temperature", "none"],
+    g.add_argument("--calibration", default="auto",
+                   choices=["auto", "temperature", "thresholds", "none"],
                    help="temperature: fit one temperature on the validation split after "
-                        "training so probabilities are calibrated (labels unchanged)")
+                        "training so probabilities are calibrated (labels unchanged); "
+                        "thresholds (multi-label): each tag's threshold chosen there for the best "
+                        "F1; auto: whichever fits the data")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile (GPU; pays a warm-up per length bucket, for long jobs)")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps too")
@@ -125,12 +134,18 @@ def _summary(m: dict) -> str:
         return f" [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else ""
 
     where = f"n={m['n_eval']}, {m.get('split', '')}" + ("; [95% CI]" if ci("accuracy") else "")
-    lines = [f"accuracy {m['accuracy']:.4f}{ci('accuracy')}   "
+    acc = "exact-match accuracy" if m.get("multi_label") else "accuracy"
+    lines = [f"{acc} {m['accuracy']:.4f}{ci('accuracy')}   "
              f"macro-F1 {m['macro_f1']:.4f}{ci('macro_f1')}   ({where})"]
+    if m.get("multi_label"):
+        lines.append(f"micro-F1 {m['micro_f1']:.4f}   hamming loss {m['hamming_loss']:.4f}   "
+                     f"(per tag: its threshold t)")
     width = max(len(n) for n in m["per_class"])
-    for n, c in m["per_class"].items():
+    thresholds = m.get("thresholds") or []
+    for i, (n, c) in enumerate(m["per_class"].items()):
         lines.append(f"  {n:<{width}}  P {c['precision']:.3f}  R {c['recall']:.3f}  "
-                     f"F1 {c['f1']:.3f}  n={c['support']}")
+                     f"F1 {c['f1']:.3f}  n={c['support']}"
+                     + (f"  t={thresholds[i]:g}" if i < len(thresholds) else ""))
     return "\n".join(lines)
 
 
@@ -247,7 +262,10 @@ def cmd_predict(a) -> int:
     name = "label" if "label" not in df.columns else "predicted_label"
     out = df.copy()
     pred = pd.Series([None] * len(df), dtype=object)
-    pred.iloc[keep] = [clf.labels[i] for i in probs.argmax(-1)]
+    chosen = clf.decide(probs)
+    if clf.multi_label:  # one cell of tags, joined as in the training file
+        chosen = [(clf.config.data.label_sep or "|").join(tags) for tags in chosen]
+    pred.iloc[keep] = chosen
     out[name] = pred.values
     for j, n in enumerate(clf.labels):
         col = pd.Series([float("nan")] * len(df))

@@ -46,6 +46,9 @@ def run_compare(base: RunConfig, strategies: list[str], out: Path, *,
         raise UserError(f"--strategies: unknown {unknown}; choose from {', '.join(known)}")
     if not strategies:
         raise UserError("--strategies: give at least one, e.g. frozen,lora,full")
+    if base.data.multi_label and set(strategies) & set(PROMPTS):
+        raise UserError("--strategies: the prompting baselines pick one label a text; with "
+                        "--multi-label compare the trained strategies only")
     seeds = list(dict.fromkeys(seeds or [base.train.seed]))
     if len(seeds) > 1 and base.data.split_seed is None:
         base.data.split_seed = seeds[0]  # every seed trains and tests on the same rows
@@ -244,6 +247,8 @@ def write_outputs(out: Path, rows: list[dict], base: RunConfig,
                        "count the test rows' sampling only, so a difference marked † (smaller "
                        "than either strategy's sd over seeds) needs more seeds to be sure."
                        if several else ""),
+             *(["", "Multi-label: accuracy is exact match (every tag of a row right); "
+                "macro-F1 averages the tags' F1."] if base.data.multi_label else []),
              "", "| " + " | ".join(h for _, h in columns) + " | status |",
              "|" + "---|" * (len(columns) + 1)]
     for r in rows:

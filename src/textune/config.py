@@ -28,6 +28,11 @@ class DataArgs:
     split_seed: int | None = None
     """Seed of the train/val/test split, the --limit sample and the max-length sample; None:
     the training seed. Fixed apart from it, runs with different seeds share their splits."""
+    multi_label: bool = False
+    """Each row has any number of labels (tags): one label column of tag lists (``a|b``, a JSON
+    list) or several 0/1 label columns (``--label-col toxic,insult``)."""
+    label_sep: str | None = None
+    """Separator of the tags in a multi-label column; None: found in the data (| ; or ,)."""
 
 
 @dataclass
@@ -95,9 +100,11 @@ class TrainArgs:
     seed: int = 0
     precision: str = "auto"
     class_weights: str = "none"
-    calibration: str = "temperature"
+    calibration: str = "auto"
     """temperature: after training, fit one temperature on the validation split so the predicted
-    probabilities are calibrated (predictions unchanged); none: raw softmax."""
+    probabilities are calibrated (predictions unchanged); thresholds (multi-label): each tag's
+    decision threshold chosen on the validation split for the best F1; none: raw softmax or
+    0.5 thresholds; auto: temperature, or thresholds for multi-label data."""
     compile: bool = False
     """torch.compile the model; lengths are padded to multiples of 64 so few shapes compile."""
     pad_multiple: int = 0
@@ -154,8 +161,15 @@ class RunConfig:
             (t.precision in ("auto", "fp32", "bf16", "fp16"),
              "--precision: choose auto, fp32, bf16 or fp16"),
             (t.class_weights in ("none", "auto"), "--class-weights: choose none or auto"),
-            (t.calibration in ("temperature", "none"),
-             "--calibration: choose temperature or none"),
+            (t.calibration in ("auto", "temperature", "thresholds", "none"),
+             "--calibration: choose auto, temperature, thresholds or none"),
+            (t.calibration != "temperature" or not d.multi_label,
+             "--calibration temperature is for single-label data; with --multi-label use "
+             "thresholds (tuned per tag) or none"),
+            (t.calibration != "thresholds" or d.multi_label,
+             "--calibration thresholds is for --multi-label data; use temperature or none"),
+            (not d.multi_label or not d.text_pair_col,
+             "--multi-label with --text-pair-col is not supported; join the two texts"),
             (t.max_steps is None or t.max_steps >= 1, "--max-steps must be >= 1"),
             (t.patience is None or t.patience >= 1, "--patience must be >= 1"),
             (d.limit is None or d.limit >= 2, "--limit must be >= 2"),
@@ -169,6 +183,8 @@ class RunConfig:
         for ok, msg in checks:
             if not ok:
                 raise UserError(msg)
+        if t.calibration == "auto":
+            t.calibration = "thresholds" if d.multi_label else "temperature"
         return self
 
     @property

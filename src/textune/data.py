@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 TEXT_NAMES = ("text", "texts", "sentence", "sentence1", "review", "content", "document", "body",
               "comment", "tweet", "utterance", "message", "query", "question", "abstract", "title")
 LABEL_NAMES = ("label", "labels", "class", "category", "sentiment", "target", "y", "intent",
-               "topic", "polarity", "gold_label", "tag")
+               "topic", "polarity", "gold_label", "tag", "tags", "topics", "categories")
 PAIR_NAMES = ("text_pair", "sentence2", "pair", "hypothesis", "context")
 
 
@@ -33,16 +33,24 @@ class Table:
     """Parsed rows of a labelled (or unlabelled) file."""
 
     texts: list[str]
-    labels: list[str] | None
+    labels: list[str] | list[tuple[str, ...]] | None
+    """One label a row, or (multi-label) a sorted tuple of tags a row, empty for none."""
     pairs: list[str] | None
     source: str
+    label_sep: str | None = None
+    """The separator the multi-label column's tags were split on (None: lists or 0/1 columns)."""
 
     def __len__(self) -> int:
         return len(self.texts)
 
+    @property
+    def multi_label(self) -> bool:
+        return bool(self.labels) and isinstance(self.labels[0], tuple)
+
     def subset(self, idx) -> Table:
         pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
-        return Table(pick(self.texts), pick(self.labels), pick(self.pairs), self.source)
+        return Table(pick(self.texts), pick(self.labels), pick(self.pairs), self.source,
+                     self.label_sep)
 
 
 def resolve_data(spec: str | Path) -> Path:
@@ -192,20 +200,32 @@ def _strings(column) -> list[str]:
 
 
 def read_table(path: str | Path, *, text_col: str | None = None, label_col: str | None = None,
-               pair_col: str | None = None, require_labels: bool = True) -> Table:
+               pair_col: str | None = None, require_labels: bool = True,
+               multi_label: bool = False, label_sep: str | None = None) -> Table:
     """Read CSV / TSV / JSONL / Parquet into a :class:`Table`.
 
     Rows with an empty text (or missing label) are dropped with a warning; if none remain it is
-    an error.
+    an error. ``multi_label``: each row's labels are a set of tags (see :func:`read_tags`); an
+    empty label cell is a row with no tag.
     """
     path = Path(path)
     df = _frame(path)
     cols = list(df.columns)
     tcol = _pick(cols, "--text-col", text_col, TEXT_NAMES, path, True)
-    lcol = _pick(cols, "--label-col", label_col, LABEL_NAMES, path, require_labels)
     pcol = _pick(cols, "--text-pair-col", pair_col, PAIR_NAMES, path, False) if pair_col else None
     texts = _strings(df[tcol])
     keep = [i for i, t in enumerate(texts) if t.strip()]
+    n_empty = len(texts) - len(keep)
+    if n_empty:
+        log.warning("%s: %d rows have an empty text and were dropped", path, n_empty)
+    if multi_label:
+        if not keep:
+            raise UserError(f"{path}: every text is empty (text column {tcol!r}); is --text-col "
+                            f"right?")
+        tags, sep = read_tags(df, path, label_col, label_sep)
+        pairs = None if pcol is None else _strings(df[pcol].iloc[keep])
+        return Table([texts[i] for i in keep], [tags[i] for i in keep], pairs, str(path), sep)
+    lcol = _pick(cols, "--label-col", label_col, LABEL_NAMES, path, require_labels)
     labels = None
     if lcol is not None:
         raw = df[lcol].tolist()
@@ -216,9 +236,6 @@ def read_table(path: str | Path, *, text_col: str | None = None, label_col: str 
                         len(missing), _where(path, missing[0]))
             keep = [i for i in keep if labels_all[i] is not None]
         labels = [labels_all[i] for i in keep]
-    n_empty = sum(1 for t in texts if not t.strip())
-    if n_empty:
-        log.warning("%s: %d rows have an empty text and were dropped", path, n_empty)
     if not keep:
         raise UserError(f"{path}: no rows left after dropping {len(texts)} with an empty text or "
                         f"label (text column {tcol!r}); is --text-col right?")
@@ -226,6 +243,63 @@ def read_table(path: str | Path, *, text_col: str | None = None, label_col: str 
     if pcol is not None:
         pairs = _strings(df[pcol].iloc[keep])
     return Table([texts[i] for i in keep], labels, pairs, str(path))
+
+
+TAG_SEPARATORS = ("|", ";", ",")
+_TRUE = {"1", "1.0", "true", "yes", "y", "t"}
+_FALSE = {"0", "0.0", "false", "no", "n", "f", ""}
+
+
+def read_tags(df, path: Path, label_col: str | None, sep: str | None
+              ) -> tuple[list[tuple[str, ...]], str | None]:
+    """Multi-label tags of every row of ``df``, as sorted tuples, and the separator used.
+
+    ``label_col`` naming several columns (``toxic,insult``): each is one tag, its 0/1 (or
+    true/false, yes/no) cells saying whether a row has it. One column: a list (JSONL, Parquet),
+    a JSON list as text, or tags separated by ``sep`` (default: the first of | ; , found in
+    the column). An empty cell is a row without tags."""
+    cols = list(df.columns)
+    names = [c.strip() for c in label_col.split(",")] if label_col and label_col not in cols \
+        else [label_col]
+    if len(names) > 1:
+        for n in names:
+            _pick(cols, "--label-col", n, LABEL_NAMES, path, True)
+        flags = []
+        for n in names:
+            col = []
+            for i, v in enumerate(df[n].tolist()):
+                v = "" if _isna(v) else str(v).strip().lower()
+                if v not in _TRUE and v not in _FALSE:
+                    raise UserError(f"{path}: column {n!r} at {_where(path, i)} holds {v!r}; "
+                                    f"0/1 tag columns take 1/0, true/false or yes/no")
+                col.append(v in _TRUE)
+            flags.append(col)
+        return [tuple(sorted(n for n, f in zip(names, row) if f)) for row in zip(*flags)], None
+    lcol = _pick(cols, "--label-col", names[0], LABEL_NAMES, path, True)
+    raw = df[lcol].tolist()
+    cells = []
+    for i, v in enumerate(raw):
+        if isinstance(v, str) and v.strip().startswith("["):
+            try:
+                v = json.loads(v)
+            except ValueError:
+                raise UserError(f"{path}: the label at {_where(path, i)} starts with '[' but is "
+                                f"not a JSON list ({v[:40]!r}); write [\"a\", \"b\"] or a|b") \
+                    from None
+        cells.append(v)
+    strings = [v for v in cells if isinstance(v, str)]
+    if sep is None and strings:
+        sep = next((c for c in TAG_SEPARATORS if any(c in v for v in strings)), None)
+    out = []
+    for v in cells:
+        if isinstance(v, str):
+            tags = v.split(sep) if sep else [v]
+        elif hasattr(v, "__iter__"):  # a list from JSON / Parquet
+            tags = list(v)
+        else:
+            tags = [] if _isna(v) else [v]
+        out.append(tuple(sorted({_label_str(t) for t in tags} - {""})))
+    return out, sep
 
 
 def read_inputs(path: str | Path, *, text_col: str | None = None, pair_col: str | None = None,
@@ -328,22 +402,44 @@ def _label_str(y) -> str:
 # labels
 
 
-def build_label_names(labels: list[str]) -> list[str]:
-    """Sorted label names; numeric labels sort as numbers (so '2' < '10')."""
-    uniq = set(labels)
+def build_label_names(labels: list[str] | list[tuple[str, ...]]) -> list[str]:
+    """Sorted label names (multi-label: every tag); numeric labels sort as numbers ('2' <
+    '10')."""
+    uniq = {t for tags in labels for t in tags} if labels and isinstance(labels[0], tuple) \
+        else set(labels)
     try:
         return sorted(uniq, key=lambda s: float(s))
     except ValueError:
         return sorted(uniq)
 
 
-def encode_labels(labels: list[str], names: list[str], source: str) -> np.ndarray:
+def encode_labels(labels: list[str] | list[tuple[str, ...]], names: list[str],
+                  source: str) -> np.ndarray:
+    """Label indices ``[n]``; multi-label tags: a 0/1 float matrix ``[n, len(names)]``."""
     index = {n: i for i, n in enumerate(names)}
-    unseen = sorted(set(labels) - set(index))
+    multi = bool(labels) and isinstance(labels[0], tuple)
+    unseen = sorted(({t for tags in labels for t in tags} if multi else set(labels)) - set(index))
     if unseen:
         raise UserError(f"{source}: labels {unseen[:5]} do not occur in the training data "
                         f"(known: {names[:10]}); fix the labels or add them to the training file")
+    if multi:
+        y = np.zeros((len(labels), len(names)), dtype=np.float32)
+        for r, tags in enumerate(labels):
+            y[r, [index[t] for t in tags]] = 1
+        return y
     return np.array([index[y] for y in labels], dtype=np.int64)
+
+
+def strata(labels: list[str] | list[tuple[str, ...]]) -> list[str]:
+    """What a stratified split balances: the label; for multi-label rows, the row's rarest tag
+    (so rare tags reach every split), "" for a row without tags."""
+    if not labels or not isinstance(labels[0], tuple):
+        return list(labels)
+    counts: dict[str, int] = {}
+    for tags in labels:
+        for t in tags:
+            counts[t] = counts.get(t, 0) + 1
+    return [min(tags, key=lambda t: (counts[t], t)) if tags else "" for tags in labels]
 
 
 def save_labels(names: list[str], path: Path) -> None:
@@ -369,20 +465,32 @@ def split_indices(table: Table, val_fraction: float, test_fraction: float, seed:
         log.warning("%s: %d rows repeat an earlier text; each text is kept within one split",
                     table.source, n_dup)
     reps = [g[0] for g in groups.values()]
-    glabels = [table.labels[i] for i in reps]
+    multi = table.multi_label
+    glabels = strata([table.labels[i] for i in reps])
     counts: dict[str, int] = {}
-    for y in glabels:
+    for y in glabels if not multi else [t for i in reps for t in table.labels[i]]:
         counts[y] = counts.get(y, 0) + 1
     if len(counts) < 2:
-        raise UserError(f"{table.source}: only one class ({next(iter(counts))!r}); a classifier "
-                        f"needs at least two (is --label-col right?)")
+        what = "tag" if multi else "class"
+        raise UserError(f"{table.source}: only one {what} ({next(iter(counts), None)!r}); a "
+                        f"classifier needs at least two (is --label-col right?)")
     n_parts = 1 + sum(need)
     small = {y: c for y, c in counts.items() if c < n_parts + 1}
     if small:
         y, c = next(iter(small.items()))
-        raise UserError(f"{table.source}: class {y!r} has only {c} distinct text(s); a stratified "
-                        f"split needs at least {n_parts + 1} per class: add examples, drop the "
-                        f"class, or pass --val and --test files")
+        raise UserError(f"{table.source}: {'tag' if multi else 'class'} {y!r} has only {c} "
+                        f"distinct text(s); a stratified split needs at least {n_parts + 1} per "
+                        f"{'tag' if multi else 'class'}: add examples, drop it, or pass --val "
+                        f"and --test files")
+    if multi:  # rows whose rarest tag is still too rare to stratify on share a stratum
+        from collections import Counter
+
+        n = Counter(glabels)
+        common = n.most_common(1)[0][0]
+        rare = sum(c for c in n.values() if c < n_parts + 1)
+        glabels = [y if n[y] >= n_parts + 1 else "\0rare" if rare >= n_parts + 1 else common
+                   for y in glabels]
+        counts = dict(Counter(glabels))
     need_val, need_test = need
     rest, rest_y = np.arange(len(reps)), glabels
     val_g, test_g = np.array([], dtype=int), np.array([], dtype=int)
@@ -403,13 +511,13 @@ def split_indices(table: Table, val_fraction: float, test_fraction: float, seed:
     return expand(rest), expand(val_g), expand(test_g)
 
 
-def limit_indices(idx: list[int], labels: list[str], limit: int | None, seed: int) -> list[int]:
+def limit_indices(idx: list[int], labels: list, limit: int | None, seed: int) -> list[int]:
     """A stratified sample of ``limit`` training rows (all of them if fewer)."""
     if limit is None or limit >= len(idx):
         return idx
     from sklearn.model_selection import train_test_split
 
-    ys = [labels[i] for i in idx]
+    ys = strata([labels[i] for i in idx])
     try:
         keep, _ = train_test_split(idx, train_size=limit, random_state=seed, stratify=ys)
     except ValueError:

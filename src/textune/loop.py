@@ -28,7 +28,7 @@ from .config import TrainArgs
 from .data import LADDER, batch_indices, padded_width
 from .errors import UserError
 from .hub import sha256_of
-from .modeling import cross_entropy
+from .modeling import classification_loss
 
 log = logging.getLogger(__name__)
 CKPT = "checkpoint"
@@ -384,7 +384,7 @@ def fit(module: nn.Module, train_data: TrainData, val_data: TrainData | None, ar
                         if module_returns_loss:
                             loss = step_module(**batch, labels=labels)
                         else:
-                            loss = cross_entropy(step_module(**batch), labels, class_weights)
+                            loss = classification_loss(step_module(**batch), labels, class_weights)
                     accelerator.backward(loss / group)
                 running += loss.detach()
                 running_n += 1
@@ -478,14 +478,15 @@ class GraphedStep:
         self.rows, self.data = rows, data
         dev = data.features.device
         self.x = torch.zeros(rows, data.features.shape[1], device=dev)
-        self.y = torch.zeros(rows, dtype=torch.long, device=dev)
+        labels = data.collate([0])["labels"]  # (class indices, or multi-label 0/1 rows)
+        self.y = torch.zeros((rows, *labels.shape[1:]), dtype=labels.dtype, device=dev)
         inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's wrapper
         for g in inner.param_groups:
             g["lr"] = torch.tensor(float(g["lr"]), device=dev)
             g["capturable"] = True
 
         def body():
-            loss = cross_entropy(module(features=self.x), self.y, weights)
+            loss = classification_loss(module(features=self.x), self.y, weights)
             loss.backward()
             if max_norm:
                 torch.nn.utils.clip_grad_norm_(clipped, max_norm, foreach=True)

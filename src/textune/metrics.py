@@ -11,12 +11,16 @@ ECE_BINS = 15
 
 
 def classification_metrics(y_true: np.ndarray, logits: np.ndarray, names: list[str], *,
-                           uncertainty: bool = False, probabilities: bool = True) -> dict:
+                           uncertainty: bool = False, probabilities: bool = True,
+                           thresholds: np.ndarray | None = None) -> dict:
     """Metrics of ``logits`` against ``y_true``. ``uncertainty``: also 95% bootstrap intervals
     of accuracy and macro-F1 and, when the logits' softmax is a probability
-    (``probabilities``), the expected calibration error."""
+    (``probabilities``), the expected calibration error. Multi-label ``y_true`` (0/1 rows):
+    see :func:`multilabel_metrics`."""
     from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
+    if np.ndim(y_true) == 2:
+        return multilabel_metrics(y_true, logits, names, thresholds, uncertainty=uncertainty)
     y_pred = logits.argmax(-1)
     labels = list(range(len(names)))
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
@@ -36,6 +40,84 @@ def classification_metrics(y_true: np.ndarray, logits: np.ndarray, names: list[s
         out["bootstrap_resamples"] = RESAMPLES
         if probabilities:
             out["ece"] = round(calibration_error(y_true, softmax(logits)), 4)
+    return out
+
+
+def multilabel_metrics(y_true: np.ndarray, logits: np.ndarray, names: list[str],
+                       thresholds: np.ndarray | None = None, *, uncertainty: bool = False) -> dict:
+    """Multi-label metrics: a tag is predicted where its sigmoid probability reaches its
+    threshold (0.5 unless given). ``accuracy`` is exact match (every tag of a row right);
+    ``macro_f1`` the mean of the tags' F1, ``micro_f1`` F1 over all (row, tag) decisions,
+    ``hamming_loss`` the share of wrong decisions. ``uncertainty``: 95% bootstrap intervals of
+    accuracy and macro-F1."""
+    y = np.asarray(y_true) > 0.5
+    pred = sigmoid(logits) >= (0.5 if thresholds is None else np.asarray(thresholds))
+    tp, fp, fn = _tag_counts(y, pred)
+    p = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=tp + fp > 0)
+    r = np.divide(tp, tp + fn, out=np.zeros_like(tp), where=tp + fn > 0)
+    f = _f1(tp, fp, fn)
+    micro = 2 * tp.sum() / max(2 * tp.sum() + fp.sum() + fn.sum(), 1)
+    right = (y == pred).all(1)
+    out = {
+        "multi_label": True,
+        "accuracy": float(right.mean()) if len(y) else 0.0,
+        "macro_f1": float(f.mean()),
+        "micro_f1": float(micro),
+        "hamming_loss": float((y != pred).mean()) if len(y) else 0.0,
+        "per_class": {n: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                          "support": int(y[:, i].sum())} for i, n in enumerate(names)},
+        "labels": names,
+        "thresholds": [round(float(t), 4) for t in np.broadcast_to(
+            0.5 if thresholds is None else thresholds, (len(names),))],
+        "n_eval": int(len(y)),
+    }
+    if uncertainty and len(y):
+        acc = np.empty(RESAMPLES)
+        f1 = np.empty(RESAMPLES)
+        for cols, idx in _index_chunks(len(y), RESAMPLES, 0):
+            # each resample as row counts: its per-tag counts are a matrix product
+            w = np.stack([np.bincount(i, minlength=len(y)) for i in idx]).astype(np.float64)
+            acc[cols] = w @ right / len(y)
+            f1[cols] = _f1(w @ (y & pred), w @ (~y & pred), w @ (y & ~pred)).mean(1)
+        out["accuracy_ci95"] = interval(acc)
+        out["macro_f1_ci95"] = interval(f1)
+        out["bootstrap_resamples"] = RESAMPLES
+    return out
+
+
+def _tag_counts(y: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, ...]:
+    """True positives, false positives, false negatives per tag (as floats)."""
+    return ((y & pred).sum(0).astype(np.float64), (~y & pred).sum(0).astype(np.float64),
+            (y & ~pred).sum(0).astype(np.float64))
+
+
+def _f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
+    """F1 from counts (0 where a tag is never true nor predicted, as sklearn's
+    ``zero_division=0``)."""
+    denom = 2 * tp + fp + fn
+    return np.divide(2 * tp, denom, out=np.zeros_like(tp, dtype=np.float64), where=denom > 0)
+
+
+THRESHOLD_GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)
+MIN_THRESHOLD_POSITIVES = 5  # a tag with fewer validation rows keeps 0.5
+
+
+def fit_thresholds(logits: np.ndarray, y_true: np.ndarray) -> np.ndarray:
+    """Each tag's decision threshold on held-out rows: the probability cut (0.05 ... 0.95)
+    with the best F1 for that tag, ties to the one nearest 0.5. A tag with fewer than
+    ``MIN_THRESHOLD_POSITIVES`` positive rows keeps 0.5: too few to choose on."""
+    probs = sigmoid(logits)
+    y = np.asarray(y_true) > 0.5
+    out = np.full(y.shape[1], 0.5)
+    for k in range(y.shape[1]):
+        if y[:, k].sum() < MIN_THRESHOLD_POSITIVES:
+            continue
+        pred = probs[:, k, None] >= THRESHOLD_GRID[None, :]  # [rows, grid]
+        t = y[:, k, None]
+        f1 = _f1((t & pred).sum(0).astype(np.float64), (~t & pred).sum(0).astype(np.float64),
+                 (t & ~pred).sum(0).astype(np.float64))
+        best = np.flatnonzero(f1 >= f1.max() - 1e-12)
+        out[k] = THRESHOLD_GRID[best[np.argmin(np.abs(THRESHOLD_GRID[best] - 0.5))]]
     return out
 
 
@@ -122,6 +204,10 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
 
     r = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
     return float(np.exp(r.x))
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -56,6 +56,27 @@ def plot_training(run: Path, steps: list[dict], epochs: list[dict]) -> list[Path
 
 
 def plot_metrics(folder: Path, metrics: dict, prefix: str = "") -> list[Path]:
+    plt = _plt()
+    names = metrics["labels"]
+    k = len(names)
+    out = []
+    if "confusion_matrix" in metrics:  # (none for multi-label: a row may have several tags)
+        out.append(_confusion_plot(folder / f"{prefix}confusion_matrix.png", metrics))
+    f1 = [metrics["per_class"][n]["f1"] for n in names]
+    fig, ax = plt.subplots(figsize=(max(4, 0.8 * k + 2), 3.4))
+    bars = ax.bar(range(k), f1, color="tab:green")
+    ax.bar_label(bars, [f"{v:.2f}" for v in f1], fontsize=8)
+    ax.axhline(metrics["macro_f1"], color="gray", ls="--", lw=1, label="macro-F1")
+    ax.set_xticks(range(k), names, rotation=30, ha="right")
+    ax.set(ylim=(0, 1.08), ylabel="F1", title="per-tag F1" if metrics.get("multi_label")
+           else "per-class F1")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    out.append(_save(fig, folder / f"{prefix}per_class_f1.png"))
+    return out
+
+
+def _confusion_plot(path: Path, metrics: dict) -> Path:
     import numpy as np
 
     plt = _plt()
@@ -74,18 +95,7 @@ def plot_metrics(folder: Path, metrics: dict, prefix: str = "") -> list[Path]:
     ax.set(xlabel="predicted", ylabel="true", title=f"confusion matrix ({metrics['split']})"
            if len(str(metrics["split"])) < 30 else "confusion matrix")
     fig.tight_layout()
-    out = [_save(fig, folder / f"{prefix}confusion_matrix.png")]
-    f1 = [metrics["per_class"][n]["f1"] for n in names]
-    fig, ax = plt.subplots(figsize=(max(4, 0.8 * k + 2), 3.4))
-    bars = ax.bar(range(k), f1, color="tab:green")
-    ax.bar_label(bars, [f"{v:.2f}" for v in f1], fontsize=8)
-    ax.axhline(metrics["macro_f1"], color="gray", ls="--", lw=1, label="macro-F1")
-    ax.set_xticks(range(k), names, rotation=30, ha="right")
-    ax.set(ylim=(0, 1.08), ylabel="F1", title="per-class F1")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    out.append(_save(fig, folder / f"{prefix}per_class_f1.png"))
-    return out
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:
@@ -146,9 +156,10 @@ def _ci(metrics: dict, key: str) -> str:
 MISTAKES_SHOWN = 15
 
 
-def mistakes(folder: Path) -> list[str]:
+def mistakes(folder: Path, multi_label: bool = False) -> list[str]:
     """The report's table of the held-out rows the classifier got wrong, most confident first
-    (from the folder's predictions.csv), and how many there are."""
+    (from the folder's predictions.csv), and how many there are. Multi-label: rows with any
+    tag wrong, in file order (no single confidence ranks them)."""
     import pandas as pd
 
     p = folder / "predictions.csv"
@@ -161,7 +172,7 @@ def mistakes(folder: Path) -> list[str]:
     head = f"<h2>Mistakes ({len(wrong)} of {len(df)} rows)</h2>"
     if wrong.empty:
         return [head, "<p>None.</p>"]
-    probs = [c for c in df.columns if c.startswith("p_")]
+    probs = [] if multi_label else [c for c in df.columns if c.startswith("p_")]
     header = ["text", "label", "predicted"]
     if probs:  # most confident mistakes first: label noise, or what the model learned wrong
         wrong["confidence"] = wrong[probs].astype(float).max(axis=1)
@@ -193,9 +204,17 @@ def write_report(folder: str | Path, metrics: dict | None = None, title: str | N
     steps, epochs = read_history(folder)
     images = plot_training(folder, steps, epochs) + plot_metrics(folder, metrics)
     cfg = folder / "config.json"
-    summary = [["accuracy", f"{metrics['accuracy']:.4f}{_ci(metrics, 'accuracy')}"],
+    multi = bool(metrics.get("multi_label"))
+    summary = [["exact-match accuracy (every tag right)" if multi else "accuracy",
+                f"{metrics['accuracy']:.4f}{_ci(metrics, 'accuracy')}"],
                ["macro-F1", f"{metrics['macro_f1']:.4f}{_ci(metrics, 'macro_f1')}"],
+               *([["micro-F1", f"{metrics['micro_f1']:.4f}"],
+                  ["hamming loss (wrong tag decisions)", f"{metrics['hamming_loss']:.4f}"]]
+                 if multi else []),
                ["evaluated on", f"{metrics['split']} (n={metrics['n_eval']})"]]
+    if "macro_f1_at_0.5" in metrics:
+        summary.append(["macro-F1 at thresholds 0.5", f"{metrics['macro_f1_at_0.5']:.4f} "
+                        f"(the tuned thresholds give {metrics['macro_f1']:.4f})"])
     if "ece" in metrics:
         before = metrics.get("ece_before_temperature")
         summary.append(["calibration error (ECE)", f"{metrics['ece']:.4f}" + (
@@ -210,15 +229,18 @@ def write_report(folder: str | Path, metrics: dict | None = None, title: str | N
             v = metrics[key]
             summary.append([label, json.dumps(v) if isinstance(v, dict) else
                             (f"{v:,}" if isinstance(v, int) else v)])
-    per_class = [[n, f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", c["support"]]
-                 for n, c in metrics["per_class"].items()]
+    thresholds = metrics.get("thresholds") or []
+    per_class = [[n, f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", c["support"],
+                  *([f"{thresholds[i]:g}"] if thresholds else [])]
+                 for i, (n, c) in enumerate(metrics["per_class"].items())]
     warn = caveats(metrics)
     parts = [f"<h1>{html.escape(title or 'textune report: ' + folder.name)}</h1>",
              *(["<h2>Caveats</h2><ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in warn)
                 + "</ul>"] if warn else []),
-             _table(summary, ["", "value"]), "<h2>Per class</h2>",
-             _table(per_class, ["class", "precision", "recall", "F1", "support"]),
-             *mistakes(folder), "<h2>Plots</h2>", *(_img(p) for p in images)]
+             _table(summary, ["", "value"]), f"<h2>Per {'tag' if multi else 'class'}</h2>",
+             _table(per_class, ["tag" if multi else "class", "precision", "recall", "F1",
+                                "support", *(["threshold"] if thresholds else [])]),
+             *mistakes(folder, multi), "<h2>Plots</h2>", *(_img(p) for p in images)]
     if cfg.exists():
         parts += ["<h2>Configuration</h2>", f"<pre>{html.escape(cfg.read_text())}</pre>"]
     doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(folder.name)}"

@@ -139,7 +139,7 @@ class MicroBatcher:
 
 def create_app(clf, run: Path, limits: Limits | None = None):
     """The ASGI app around a loaded :class:`textune.Classifier` (or anything with
-    ``predict_proba(texts)`` and ``labels``)."""
+    ``predict_proba(texts)``, ``decide(probs)`` and ``labels``)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
 
@@ -201,7 +201,7 @@ def create_app(clf, run: Path, limits: Limits | None = None):
             return error(e.status, e.msg)
         probs = await batcher.submit(texts)
         labels = list(clf.labels)
-        return {"labels": [labels[int(i)] for i in probs.argmax(1)],
+        return {"labels": clf.decide(probs),
                 "probabilities": [{lab: round(float(p), 6) for lab, p in zip(labels, row)}
                                   for row in probs]}
 
