@@ -100,14 +100,20 @@ def test_thresholds_chosen_for_f1():
     # tag 0's scores run low: its positives sit around probability 0.3, not above 0.5
     logits = np.stack([np.where(y[:, 0] > 0, -0.8, -3.0) + rng.normal(0, 0.4, 2000),
                        np.where(y[:, 1] > 0, 3.0, -3.0) + rng.normal(0, 0.4, 2000)], 1)
-    t = fit_thresholds(logits, y)
+    t = fit_thresholds(logits, y, per_tag=True)
     assert 0.1 < t[0] < 0.3 and t[1] == pytest.approx(0.5, abs=0.35)
+    shared = fit_thresholds(logits, y)
+    assert shared[0] == shared[1] and 0.1 < shared[0] < 0.5  # (tag 1 is right at any of them)
     at_half = multilabel_metrics(y, logits, ["a", "b"])["macro_f1"]
     tuned = multilabel_metrics(y, logits, ["a", "b"], t)["macro_f1"]
     assert tuned > at_half + 0.2
+    assert multilabel_metrics(y, logits, ["a", "b"], shared)["macro_f1"] > at_half + 0.2
     few = y.copy()
-    few[4:, 0] = 0  # 4 positive rows at most: too few to choose on
-    assert fit_thresholds(logits, few)[0] == 0.5
+    few[4:, 0] = 0  # 4 positive rows at most: too few to choose on, so it takes the shared one
+    t = fit_thresholds(logits, few, per_tag=True)
+    assert t[0] == fit_thresholds(logits, few)[0]
+    calibrated = np.stack([np.where(y[:, 0] > 0, 3.0, -3.0), logits[:, 1]], 1)
+    assert list(fit_thresholds(calibrated, y)) == [0.5, 0.5]  # ties go to 0.5
 
 
 # (lr, epochs, head, micro-F1 reached): a random 32-wide backbone's pooled features carry the
@@ -127,9 +133,10 @@ def test_multilabel_learns_predicts_and_reloads(strategy, tiny_bert, tags_csv, t
     assert m["micro_f1"] >= reached, m
     assert "confusion_matrix" not in m and len(m["thresholds"]) == 3
     saved = RunConfig.load(out / "config.json")
-    assert saved.data.label_sep == "|" and saved.train.calibration == "thresholds"
+    assert saved.data.label_sep == "|" and saved.train.calibration == "threshold"
     fitted = json.loads((out / "calibration.json").read_text())["thresholds"]
     assert list(fitted) == m["labels"] and list(fitted.values()) == m["thresholds"]
+    assert len(set(m["thresholds"])) == 1  # one shared threshold by default
     pred = pd.read_csv(out / "predictions.csv", keep_default_na=False)
     assert set(pred.columns) == {"text", "label", "predicted", "p_neg", "p_num", "p_pos"}
     right = (pred["label"] == pred["predicted"]).mean()
@@ -179,6 +186,7 @@ def test_multilabel_cli_columns_and_weights(tiny_bert, tmp_path, capsys, caplog)
     caplog.set_level("INFO", logger="textune")
     assert main(["train", "--model", str(tiny_bert), "--data", str(tmp_path / "flags.csv"),
                  "--multi-label", "--label-col", "pos,neg,num", "--class-weights", "auto",
+                 "--calibration", "per-tag",
                  "--lr", "1e-3", "--epochs", "10", "--out", str(out), "--quiet"]) == 0
     # each tag's positive rows weigh (rows without it) / (rows with it): ~0.55 / 0.45
     w = json.loads(caplog.text.split("positive-tag weights ")[1].splitlines()[0])
@@ -196,8 +204,8 @@ def test_multilabel_flag_errors(tiny_bert, tags_csv, tmp_path, capsys, caplog):
     assert main([*base, "--multi-label", "--calibration", "temperature",
                  "--out", str(tmp_path / "a")]) == 2
     assert "--calibration temperature is for single-label" in capsys.readouterr().err
-    assert main([*base, "--calibration", "thresholds", "--out", str(tmp_path / "b")]) == 2
-    assert "--calibration thresholds is for --multi-label" in capsys.readouterr().err
+    assert main([*base, "--calibration", "per-tag", "--out", str(tmp_path / "b")]) == 2
+    assert "--calibration per-tag is for --multi-label" in capsys.readouterr().err
     assert main(["compare", "--model", str(tiny_bert), "--data", str(tags_csv), "--multi-label",
                  "--strategies", "frozen,prompt", "--out", str(tmp_path / "c"), "--quiet"]) == 2
     assert "with --multi-label compare the trained strategies" in capsys.readouterr().err

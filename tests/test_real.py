@@ -60,43 +60,16 @@ def test_frozen_features_reach_real_accuracy(tmp_path):
     assert m["trainable_params"] < 10_000  # a linear head on 384 features, 2 classes
 
 
-def bbc_tags(path, seed: int = 0):
-    """A multi-label set made of real BBC articles: each row is the opening of one article or
-    of two articles on different topics, joined; its tags are their topics. Every article is
-    used once, so no text leaks between the splits."""
-    import random
-
-    import pandas as pd
-
-    from textune.data import resolve_data
-
-    df = pd.read_csv(resolve_data("bbc-news"))
-    rng = random.Random(seed)
-    rows = list(zip(df["text"], df["label"]))
-    rng.shuffle(rows)
-    out, i = [], 0
-    while i < len(rows):
-        if rng.random() < 0.5 or i + 1 == len(rows) or rows[i][1] == rows[i + 1][1]:
-            out.append((rows[i][0][:300], rows[i][1]))
-            i += 1
-        else:
-            out.append((rows[i][0][:200] + " ... " + rows[i + 1][0][:200],
-                        "|".join(sorted({rows[i][1], rows[i + 1][1]}))))
-            i += 2
-    pd.DataFrame(out, columns=["text", "topics"]).to_csv(path, index=False)
-    return path
-
-
 def test_multilabel_tags_on_real_articles(tmp_path):
-    data = bbc_tags(tmp_path / "bbc-tags.csv")
     out = tmp_path / "tags"
-    code = main(["train", "--model", "minilm-l6", "--data", str(data), "--multi-label",
+    code = main(["train", "--model", "minilm-l6", "--data", "bbc-news-tags", "--multi-label",
                  "--strategy", "frozen", "--head", "mlp", "--epochs", "30", "--max-length",
                  "128", "--out", str(out), "--quiet"])
     assert code == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["labels"] == ["business", "entertainment", "politics", "sports", "tech"]
-    assert m["micro_f1"] >= 0.85 and m["macro_f1"] >= 0.85, m
+    # measured 0.85-0.87 over seeds (bench/multilabel.py, docs/BENCHMARKS.md)
+    assert m["micro_f1"] >= 0.8 and m["macro_f1"] >= 0.8, m
     import textune
 
     tags = textune.load(out).predict(["Shares in the bank fell after profits slumped ... The "

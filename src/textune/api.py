@@ -315,20 +315,21 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
         model = strategy.load(_rebuild_for_load(cfg, splits, strategy, out), out).to(device)
 
     temperature, thresholds = 1.0, None
-    if cfg.train.calibration == "thresholds" and len(enc["val"]):
+    if cfg.train.calibration in ("threshold", "per-tag") and len(enc["val"]):
         vl = val_logits.get("best")
         if vl is None:
             vl = predict_logits(model, enc["val"], cfg.train.eval_batch_size, device,
                                 amp_dtype(accelerator))
-        thresholds = fit_thresholds(vl, enc["val"].labels)
-        log.info("tag thresholds chosen on the validation split for the best F1 (%d of %d tags "
-                 "had %d or more positive rows to choose on; the others keep 0.5; --calibration none "
-                 "keeps 0.5 for all)", int((enc["val"].labels.sum(0) >= MIN_THRESHOLD_POSITIVES
-                                            ).sum()), len(splits.labels),
-                 MIN_THRESHOLD_POSITIVES)
+        per_tag = cfg.train.calibration == "per-tag"
+        thresholds = fit_thresholds(vl, enc["val"].labels, per_tag=per_tag)
+        how = (f"each tag's own where it has {MIN_THRESHOLD_POSITIVES}+ positive rows there"
+               if per_tag else "one for all tags")
+        log.info("decision thresholds chosen on the validation split for the best F1 (%s): %s; "
+                 "--calibration none keeps 0.5", how,
+                 ", ".join(f"{n} {t:g}" for n, t in zip(splits.labels, thresholds)))
         if accelerator.is_main_process:
             (out / CALIBRATION).write_text(json.dumps(
-                {"thresholds": dict(zip(splits.labels, thresholds.tolist())),
+                {"thresholds": dict(zip(splits.labels, thresholds.tolist())), "method": how,
                  "fitted_on": f"validation split ({len(enc['val'])} rows)"}, indent=2,
                 ensure_ascii=False) + "\n")
     if cfg.train.calibration == "temperature" and len(enc["val"]):

@@ -101,11 +101,11 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     g.add_argument("--class-weights", default="none", choices=["none", "auto"])
     g.add_argument("--calibration", default="auto",
-                   choices=["auto", "temperature", "thresholds", "none"],
+                   choices=["auto", "temperature", "threshold", "per-tag", "none"],
                    help="temperature: fit one temperature on the validation split after "
                         "training so probabilities are calibrated (labels unchanged); "
-                        "thresholds (multi-label): each tag's threshold chosen there for the best "
-                        "F1; auto: whichever fits the data")
+                        "multi-label: threshold, one decision threshold for all tags chosen "
+                        "there for the best F1, or per-tag; auto: temperature or threshold")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile (GPU; pays a warm-up per length bucket, for long jobs)")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps too")

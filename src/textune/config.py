@@ -102,9 +102,10 @@ class TrainArgs:
     class_weights: str = "none"
     calibration: str = "auto"
     """temperature: after training, fit one temperature on the validation split so the predicted
-    probabilities are calibrated (predictions unchanged); thresholds (multi-label): each tag's
-    decision threshold chosen on the validation split for the best F1; none: raw softmax or
-    0.5 thresholds; auto: temperature, or thresholds for multi-label data."""
+    probabilities are calibrated (predictions unchanged). Multi-label: threshold, the decision
+    threshold shared by every tag chosen on the validation split for the best F1; per-tag, each
+    tag's own. none: raw softmax, or thresholds 0.5. auto: temperature, or threshold for
+    multi-label data."""
     compile: bool = False
     """torch.compile the model; lengths are padded to multiples of 64 so few shapes compile."""
     pad_multiple: int = 0
@@ -161,13 +162,13 @@ class RunConfig:
             (t.precision in ("auto", "fp32", "bf16", "fp16"),
              "--precision: choose auto, fp32, bf16 or fp16"),
             (t.class_weights in ("none", "auto"), "--class-weights: choose none or auto"),
-            (t.calibration in ("auto", "temperature", "thresholds", "none"),
-             "--calibration: choose auto, temperature, thresholds or none"),
+            (t.calibration in ("auto", "temperature", "threshold", "per-tag", "none"),
+             "--calibration: choose auto, temperature, threshold, per-tag or none"),
             (t.calibration != "temperature" or not d.multi_label,
              "--calibration temperature is for single-label data; with --multi-label use "
-             "thresholds (tuned per tag) or none"),
-            (t.calibration != "thresholds" or d.multi_label,
-             "--calibration thresholds is for --multi-label data; use temperature or none"),
+             "threshold (one for all tags), per-tag or none"),
+            (t.calibration not in ("threshold", "per-tag") or d.multi_label,
+             f"--calibration {t.calibration} is for --multi-label data; use temperature or none"),
             (not d.multi_label or not d.text_pair_col,
              "--multi-label with --text-pair-col is not supported; join the two texts"),
             (t.max_steps is None or t.max_steps >= 1, "--max-steps must be >= 1"),
@@ -184,7 +185,7 @@ class RunConfig:
             if not ok:
                 raise UserError(msg)
         if t.calibration == "auto":
-            t.calibration = "thresholds" if d.multi_label else "temperature"
+            t.calibration = "threshold" if d.multi_label else "temperature"
         return self
 
     @property

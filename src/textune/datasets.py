@@ -107,6 +107,28 @@ def prepare_bbc(archives: list[Path], out: Path) -> None:
     _write_labelled(_dedup(rows), out)
 
 
+def prepare_bbc_tags(archives: list[Path], out: Path) -> None:
+    """A multi-label set from the bbc-news articles: each row is the opening of one article
+    (300 characters) or the openings of two on different topics (200 each, joined by ' ... '),
+    tagged with their topics ('business|tech'). About 40% of the rows hold two; every article is
+    used once, so no text is shared between rows (nor between the splits)."""
+    import random
+
+    rows = sorted(_dedup([(re.sub(r"\n+", " ", t), y) for t, y in _bbc_articles(archives[0])]))
+    rng = random.Random(0)
+    rng.shuffle(rows)
+    tagged, i = [], 0
+    while i < len(rows):
+        (a, ya), (b, yb) = rows[i], rows[min(i + 1, len(rows) - 1)]
+        if rng.random() < 0.5 or i + 1 == len(rows) or ya == yb:
+            tagged.append((a[:300], ya))
+            i += 1
+        else:
+            tagged.append((a[:200] + " ... " + b[:200], "|".join(sorted((ya, yb)))))
+            i += 2
+    _write_labelled(tagged, out)
+
+
 def prepare_bbc_text(archives: list[Path], out: Path) -> None:
     seen: set[str] = set()
     with open(out / "corpus.txt", "w", encoding="utf-8") as f:
@@ -161,6 +183,7 @@ PREPARE: dict[str, Prepare] = {
     "gemma3-270m": prepare_gemma3,
     "rt-polarity": prepare_rt_polarity,
     "bbc-news": prepare_bbc,
+    "bbc-news-tags": prepare_bbc_tags,
     "bbc-news-text": prepare_bbc_text,
     "chnsenti": prepare_chnsenti,
     "peoples-daily": prepare_peoples_daily,

@@ -99,25 +99,30 @@ def _f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
 
 
 THRESHOLD_GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)
-MIN_THRESHOLD_POSITIVES = 5  # a tag with fewer validation rows keeps 0.5
+MIN_THRESHOLD_POSITIVES = 5  # per tag: a tag with fewer validation rows takes the shared one
 
 
-def fit_thresholds(logits: np.ndarray, y_true: np.ndarray) -> np.ndarray:
-    """Each tag's decision threshold on held-out rows: the probability cut (0.05 ... 0.95)
-    with the best F1 for that tag, ties to the one nearest 0.5. A tag with fewer than
-    ``MIN_THRESHOLD_POSITIVES`` positive rows keeps 0.5: too few to choose on."""
+def fit_thresholds(logits: np.ndarray, y_true: np.ndarray, per_tag: bool = False) -> np.ndarray:
+    """Decision thresholds chosen on held-out rows from the grid 0.05 ... 0.95, ties to the
+    one nearest 0.5: one for every tag, the best for F1 over all (row, tag) decisions; with
+    ``per_tag``, each tag with ``MIN_THRESHOLD_POSITIVES`` positive rows or more gets the best
+    for its own F1 (the others the shared one). One shared threshold has one number to fit;
+    per tag, a small validation split overfits (measured: docs/BENCHMARKS.md)."""
     probs = sigmoid(logits)
     y = np.asarray(y_true) > 0.5
-    out = np.full(y.shape[1], 0.5)
-    for k in range(y.shape[1]):
-        if y[:, k].sum() < MIN_THRESHOLD_POSITIVES:
-            continue
-        pred = probs[:, k, None] >= THRESHOLD_GRID[None, :]  # [rows, grid]
-        t = y[:, k, None]
-        f1 = _f1((t & pred).sum(0).astype(np.float64), (~t & pred).sum(0).astype(np.float64),
-                 (t & ~pred).sum(0).astype(np.float64))
-        best = np.flatnonzero(f1 >= f1.max() - 1e-12)
-        out[k] = THRESHOLD_GRID[best[np.argmin(np.abs(THRESHOLD_GRID[best] - 0.5))]]
+
+    def best(p: np.ndarray, t: np.ndarray) -> float:  # p, t: [rows, tags]
+        pred = p[..., None] >= THRESHOLD_GRID  # [rows, tags, grid]
+        t = t[..., None]
+        f1 = _f1(*((a & b).sum((0, 1)).astype(np.float64) for a, b in
+                   ((t, pred), (~t, pred), (t, ~pred))))
+        top = np.flatnonzero(f1 >= f1.max() - 1e-12)
+        return float(THRESHOLD_GRID[top[np.argmin(np.abs(THRESHOLD_GRID[top] - 0.5))]])
+
+    out = np.full(y.shape[1], best(probs, y) if len(y) else 0.5)
+    if per_tag:
+        for k in np.flatnonzero(y.sum(0) >= MIN_THRESHOLD_POSITIVES):
+            out[k] = best(probs[:, k:k + 1], y[:, k:k + 1])
     return out
 
 

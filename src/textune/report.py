@@ -214,7 +214,7 @@ def write_report(folder: str | Path, metrics: dict | None = None, title: str | N
                ["evaluated on", f"{metrics['split']} (n={metrics['n_eval']})"]]
     if "macro_f1_at_0.5" in metrics:
         summary.append(["macro-F1 at thresholds 0.5", f"{metrics['macro_f1_at_0.5']:.4f} "
-                        f"(the tuned thresholds give {metrics['macro_f1']:.4f})"])
+                        f"(the chosen thresholds give {metrics['macro_f1']:.4f})"])
     if "ece" in metrics:
         before = metrics.get("ece_before_temperature")
         summary.append(["calibration error (ECE)", f"{metrics['ece']:.4f}" + (
