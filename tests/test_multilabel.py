@@ -14,7 +14,7 @@ import textune
 from textune.api import load_splits, train
 from textune.cli import main
 from textune.config import RunConfig
-from textune.data import read_table, split_indices
+from textune.data import limit_indices, read_table, split_indices
 from textune.errors import UserError
 from textune.metrics import fit_thresholds, multilabel_metrics
 
@@ -70,6 +70,8 @@ def test_split_keeps_rare_tags_in_every_split(tmp_path):
     for idx in parts:  # the 6 rows of the rarest tag, stratified on it: 2 per split or more
         assert sum("rare" in table.labels[i] for i in idx) >= 1
     assert sorted(i for p in parts for i in p) == list(range(len(table)))
+    train_rows = limit_indices(parts[0], table.labels, 100, seed=0)
+    assert len(train_rows) == 100 and set(train_rows) <= set(parts[0])
     few = read_table(write_csv(tmp_path / "few.csv", rows + [("odd one", "odd")]),
                      multi_label=True)
     with pytest.raises(UserError, match="tag 'odd' has only 1"):
@@ -214,3 +216,16 @@ def test_multilabel_flag_errors(tiny_bert, tags_csv, tmp_path, capsys, caplog):
     assert main([*base, "--epochs", "1", "--max-steps", "2",
                  "--out", str(tmp_path / "d")]) == 0
     assert "For tags, pass --multi-label" in caplog.text
+
+
+def test_multilabel_decoder_head(tiny_llama, tags_csv, tmp_path):
+    """A decoder (last-token pooling, pad token added) takes the same multi-label head."""
+    out = tmp_path / "llama"
+    m = train(RunConfig.from_options(model=str(tiny_llama), data=str(tags_csv), out=out,
+                                     strategy="lora", epochs=1, multi_label=True, max_length=16,
+                                     lora_r=4), progress=False)
+    assert m["multi_label"] and 0 <= m["micro_f1"] <= 1 and m["n_eval"] > 0
+    clf = textune.load(out)
+    p = clf.predict_proba(["good film 3", "the plot"])
+    assert p.shape == (2, 3) and not np.allclose(p.sum(1), 1)  # independent sigmoids
+    assert all(set(t) <= {"neg", "num", "pos"} for t in clf.predict(["good film 3"]))
