@@ -197,3 +197,47 @@ def test_temperature_fitted_on_validation_and_used_everywhere(tiny_bert, toy_csv
                  "--out", str(small)]) == 0
     assert not (small / "calibration.json").exists()
     assert "probabilities not calibrated: the validation split has 20 rows" in caplog.text
+
+
+def test_learning_curve_shares_test_rows_and_pairs_the_steps(tiny_bert, toy_csv, tmp_path,
+                                                             capsys):
+    out = tmp_path / "curve"
+    code = main(["curve", "--model", str(tiny_bert), "--data", str(toy_csv), "--strategy",
+                 "full", "--lr", "1e-3", "--epochs", "2", "--sizes", "24,96,all",
+                 "--out", str(out), "--quiet"])
+    assert code == 0
+    shown = capsys.readouterr().out
+    doc = json.loads((out / "curve.json").read_text())
+    rows = doc["rows"]
+    assert [r["rows"] for r in rows] == [24, 96, doc["training_rows_available"]] == \
+        [json.loads((Path(r["run"]) / "metrics.json").read_text())["splits"]["train"]
+         for r in rows]
+    tests = [pd.read_csv(Path(r["run"]) / "predictions.csv")["text"] for r in rows]
+    assert all(t.equals(tests[0]) for t in tests)  # every size scored on the same rows
+    # 24 rows, 2 epochs barely move a random backbone; 800 learn the toy task
+    assert rows[-1]["accuracy"] >= 0.9 > rows[0]["accuracy"]
+    assert "gain" not in rows[0]
+    for prev, r in zip(rows, rows[1:]):
+        g = r["gain"]
+        assert g["from_rows"] == prev["rows"]
+        assert np.isclose(g["difference"], r["accuracy"] - prev["accuracy"], atol=1e-4)
+        assert g["ci95"][0] <= g["difference"] <= g["ci95"][1]
+    md = (out / "curve.md").read_text()
+    assert "| 24 |" in md and " pts [" in md and "From 96 to" in md and md in shown + "\n"
+    assert (out / "curve.png").stat().st_size > 5000
+    assert main(["curve", "--model", str(tiny_bert), "--data", str(toy_csv), "--limit", "50",
+                 "--out", str(tmp_path / "bad"), "--quiet"]) == 2
+    assert "give them with --sizes" in capsys.readouterr().err
+
+
+def test_curve_sizes():
+    from textune.curve import parse_sizes
+    from textune.errors import UserError
+
+    assert parse_sizes(None, 1000) == [125, 250, 500, 1000]
+    assert parse_sizes(None, 100) == [32, 50, 100]
+    assert parse_sizes("all, 200,50,200", 1000) == [50, 200, 1000]
+    assert parse_sizes("5000", 1000) == [1000]
+    for bad in ("1", "ten", ","):
+        with pytest.raises(UserError, match="--sizes"):
+            parse_sizes(bad, 1000)

@@ -306,6 +306,17 @@ def cmd_compare(a) -> int:
     return 0 if any(r["status"] == "ok" for r in rows) else 1
 
 
+def cmd_curve(a) -> int:
+    from .api import prepare_out_dir
+    from .curve import run_curve
+
+    out = prepare_out_dir(a.out, a.overwrite)
+    rows = run_curve(config_from_args(a, a.strategy), a.sizes, out, progress=not a.quiet)
+    print((out / "curve.md").read_text())
+    print(f"table: {out / 'curve.md'}  chart: {out / 'curve.png'}")
+    return 0 if any(r["status"] == "ok" for r in rows) else 1
+
+
 def cmd_prompt(a) -> int:
     from dataclasses import fields
 
@@ -500,6 +511,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_flags(c)
     common(c)
     c.set_defaults(func=cmd_compare)
+
+    lc = sub.add_parser("curve", help="learning curve: one strategy on growing samples of the "
+                        "training data, the same test rows: would more labels help?")
+    lc.add_argument("--strategy", default="full", help="full | frozen | lora | adapter")
+    lc.add_argument("--sizes", help="training rows per run, e.g. 250,500,1000,all (default: all "
+                    "the training rows and its halvings, 4 sizes)")
+    lc.add_argument("--out", required=True)
+    lc.add_argument("--overwrite", action="store_true")
+    add_train_flags(lc)
+    common(lc)
+    lc.set_defaults(func=cmd_curve)
 
     q = sub.add_parser("prompt", help="zero-/few-shot classification with a causal LM "
                        "(no training), scored on the same splits as train")
