@@ -265,9 +265,10 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
         np.bincount(y_train, minlength=len(splits.labels)).astype(np.float64)
     big, small = int(counts.argmax()), int(counts.argmin())
     if cfg.train.class_weights != "auto" and counts[big] >= 5 * counts[small]:
-        log.info("imbalanced classes (%r: %d rows, %r: %d): macro-F1 picks the best epoch; "
+        log.info("imbalanced %s (%r: %d rows, %r: %d): macro-F1 picks the best epoch; "
                  "--class-weights auto also weighs the loss by inverse frequency",
-                 splits.labels[big], counts[big], splits.labels[small], counts[small])
+                 "tags" if multi else "classes", splits.labels[big], counts[big],
+                 splits.labels[small], counts[small])
     if cfg.train.class_weights == "auto":
         # multi-label: each tag's positive rows weigh (rows without it / rows with it)
         w = (len(y_train) - counts) / np.maximum(counts, 1) if multi else \

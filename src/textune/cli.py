@@ -459,6 +459,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    def several_runs(sp, func):  # compare, curve: an output folder of runs, train's flags
+        sp.add_argument("--out", required=True)
+        sp.add_argument("--overwrite", action="store_true")
+        add_train_flags(sp)
+        common(sp)
+        sp.set_defaults(func=func)
+
     t = sub.add_parser("train", help="fine-tune a classifier and evaluate it")
     t.add_argument("--strategy", default="full", help="full | frozen | lora | adapter")
     t.add_argument("--out", help="run folder (must not exist or be empty)")
@@ -506,22 +513,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seeds", help="train each strategy once per seed, e.g. 0,1,2, on the same "
                    "splits (--split-seed, else the first seed): means, spread over seeds, and "
                    "paired differences")
-    c.add_argument("--out", required=True)
-    c.add_argument("--overwrite", action="store_true")
-    add_train_flags(c)
-    common(c)
-    c.set_defaults(func=cmd_compare)
+    several_runs(c, cmd_compare)
 
     lc = sub.add_parser("curve", help="learning curve: one strategy on growing samples of the "
                         "training data, the same test rows: would more labels help?")
     lc.add_argument("--strategy", default="full", help="full | frozen | lora | adapter")
     lc.add_argument("--sizes", help="training rows per run, e.g. 250,500,1000,all (default: all "
                     "the training rows and its halvings, 4 sizes)")
-    lc.add_argument("--out", required=True)
-    lc.add_argument("--overwrite", action="store_true")
-    add_train_flags(lc)
-    common(lc)
-    lc.set_defaults(func=cmd_curve)
+    several_runs(lc, cmd_curve)
 
     q = sub.add_parser("prompt", help="zero-/few-shot classification with a causal LM "
                        "(no training), scored on the same splits as train")
