@@ -241,3 +241,37 @@ def test_curve_sizes():
     for bad in ("1", "ten", ","):
         with pytest.raises(UserError, match="--sizes"):
             parse_sizes(bad, 1000)
+
+
+def test_cross_validation_scores_every_row_once(tiny_bert, toy_csv, tmp_path, capsys):
+    out = tmp_path / "cv"
+    code = main(["cv", "--model", str(tiny_bert), "--data", str(toy_csv), "--folds", "3",
+                 "--lr", "1e-3", "--epochs", "4", "--out", str(out), "--quiet"])
+    assert code == 0
+    assert "out of fold" in capsys.readouterr().out
+    s = json.loads((out / "cv.json").read_text())
+    assert [r["status"] for r in s["runs"]] == ["ok"] * 3
+    pooled = pd.read_csv(out / "predictions.csv", keep_default_na=False)
+    data = pd.read_csv(toy_csv, keep_default_na=False)
+    # each row in exactly one fold's test split: the pooled texts are the data's texts
+    assert sorted(pooled["text"]) == sorted(data["text"]) and set(pooled["fold"]) == {0, 1, 2}
+    for k in range(3):
+        run = json.loads((out / f"fold-{k}" / "metrics.json").read_text())
+        assert run["n_eval"] == (pooled["fold"] == k).sum()
+        assert run["splits"]["train"] + run["splits"]["val"] + run["n_eval"] == len(data)
+    m = json.loads((out / "metrics.json").read_text())
+    right = (pooled["label"] == pooled["predicted"]).mean()
+    assert m["n_eval"] == len(data) and np.isclose(m["accuracy"], right)
+    assert np.isclose(m["accuracy"], sum(r["accuracy"] * r["n_eval"] for r in s["runs"])
+                      / len(data))
+    assert m["accuracy"] >= 0.9 and m["accuracy_ci95"][0] < m["accuracy"] < m["accuracy_ci95"][1]
+    assert s["pooled"]["accuracy"] == m["accuracy"] and s["accuracy_sd"] is not None
+    assert "Mistakes (" in (out / "report.html").read_text()
+    # a fold's run reloads and is evaluated on its own fold again
+    assert main(["eval", str(out / "fold-1"), "--data", str(toy_csv), "--quiet"]) == 0
+    assert f"n={(pooled['fold'] == 1).sum()}, test" in capsys.readouterr().out
+    for extra, msg in ((["--test", str(toy_csv)], "cross-validation makes its test splits"),
+                       (["--folds", "1"], "--folds 1: give 2 or more")):
+        assert main(["cv", "--model", str(tiny_bert), "--data", str(toy_csv), *extra,
+                     "--out", str(tmp_path / "bad"), "--overwrite", "--quiet"]) == 2
+        assert msg in capsys.readouterr().err

@@ -114,7 +114,8 @@ def load_splits(cfg: RunConfig) -> Splits:
     val = read_table(resolve_data(d.val), **cols) if d.val else None
     test = read_table(resolve_data(d.test), **cols) if d.test else None
     tr, va, te = split_indices(main, d.val_fraction, d.test_fraction, cfg.split_seed,
-                               need=(val is None, test is None))
+                               need=(val is None, test is None),
+                               fold=None if d.folds is None else (d.fold, d.folds))
     train = main.subset(tr)
     val = val or main.subset(va)
     test = test or main.subset(te)
@@ -132,7 +133,8 @@ def load_splits(cfg: RunConfig) -> Splits:
                     next(filter(_tag_list, main.labels)))
     split = {"train": len(train), "train_before_limit": n_full, "val": len(val),
              "test": len(test), "source": "files" if (d.val or d.test) else
-             f"stratified split of {d.data} (seed {cfg.split_seed})"}
+             f"stratified split of {d.data} (seed {cfg.split_seed})" + (
+                 f", test = fold {d.fold} of {d.folds}" if d.folds else "")}
     # (the split made here keeps duplicates together; files given by the user may overlap)
     seen = {_same_text(t, p) for t, p in zip(train.texts, train.pairs or [None] * len(train))}
     for name, given, part in (("val", d.val, val), ("test", d.test, test)):

@@ -317,6 +317,18 @@ def cmd_curve(a) -> int:
     return 0 if any(r["status"] == "ok" for r in rows) else 1
 
 
+def cmd_cv(a) -> int:
+    from .api import prepare_out_dir
+    from .cv import run_cv
+
+    out = prepare_out_dir(a.out, a.overwrite)
+    s = run_cv(config_from_args(a, a.strategy), a.folds, out, progress=not a.quiet)
+    print((out / "cv.md").read_text())
+    print(f"table: {out / 'cv.md'}" + (f"  every row: {out / 'predictions.csv'}  report: "
+                                       f"{out / 'report.html'}" if "pooled" in s else ""))
+    return 0 if "accuracy_mean" in s else 1
+
+
 def cmd_prompt(a) -> int:
     from dataclasses import fields
 
@@ -521,6 +533,12 @@ def build_parser() -> argparse.ArgumentParser:
     lc.add_argument("--sizes", help="training rows per run, e.g. 250,500,1000,all (default: all "
                     "the training rows and its halvings, 4 sizes)")
     several_runs(lc, cmd_curve)
+
+    v = sub.add_parser("cv", help="k-fold cross-validation: every row scored once, out of "
+                       "fold (small data sets; finds likely label errors)")
+    v.add_argument("--strategy", default="full", help="full | frozen | lora | adapter")
+    v.add_argument("--folds", type=int, default=5)
+    several_runs(v, cmd_cv)
 
     q = sub.add_parser("prompt", help="zero-/few-shot classification with a causal LM "
                        "(no training), scored on the same splits as train")

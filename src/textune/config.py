@@ -28,6 +28,10 @@ class DataArgs:
     split_seed: int | None = None
     """Seed of the train/val/test split, the --limit sample and the max-length sample; None:
     the training seed. Fixed apart from it, runs with different seeds share their splits."""
+    folds: int | None = None
+    """Cross-validation (``textune cv``): the test split is fold ``fold`` of ``folds``
+    stratified folds of --data, the validation split is drawn from the other folds."""
+    fold: int | None = None
     multi_label: bool = False
     """Each row has any number of labels (tags): one label column of tag lists (``a|b``, a JSON
     list) or several 0/1 label columns (``--label-col toxic,insult``)."""
@@ -169,6 +173,12 @@ class RunConfig:
              "threshold (one for all tags), per-tag or none"),
             (t.calibration not in ("threshold", "per-tag") or d.multi_label,
              f"--calibration {t.calibration} is for --multi-label data; use temperature or none"),
+            (d.folds is None or d.folds >= 2, "--folds must be >= 2"),
+            ((d.folds is None) == (d.fold is None) and
+             (d.fold is None or 0 <= d.fold < d.folds), "fold must be in [0, folds)"),
+            (d.folds is None or not d.test,
+             "--folds makes the test splits from --data; drop --test (or evaluate on it with "
+             "textune eval)"),
             (not d.multi_label or not d.text_pair_col,
              "--multi-label with --text-pair-col is not supported; join the two texts"),
             (t.max_steps is None or t.max_steps >= 1, "--max-steps must be >= 1"),

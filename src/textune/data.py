@@ -451,9 +451,12 @@ def save_labels(names: list[str], path: Path) -> None:
 
 
 def split_indices(table: Table, val_fraction: float, test_fraction: float, seed: int,
-                  need: tuple[bool, bool] = (True, True)) -> tuple[list[int], list[int], list[int]]:
-    """Stratified train/val/test split in which exact-duplicate texts stay together."""
-    from sklearn.model_selection import train_test_split
+                  need: tuple[bool, bool] = (True, True), fold: tuple[int, int] | None = None
+                  ) -> tuple[list[int], list[int], list[int]]:
+    """Stratified train/val/test split in which exact-duplicate texts stay together. ``fold``
+    ``(k, K)``: the test split is the k-th of K stratified folds (cross-validation; every row
+    is in exactly one fold's test split), the validation split comes from the other folds."""
+    from sklearn.model_selection import StratifiedKFold, train_test_split
 
     assert table.labels is not None
     key = table.texts if table.pairs is None else list(zip(table.texts, table.pairs))
@@ -475,27 +478,34 @@ def split_indices(table: Table, val_fraction: float, test_fraction: float, seed:
         raise UserError(f"{table.source}: only one {what} ({next(iter(counts), None)!r}); a "
                         f"classifier needs at least two (is --label-col right?)")
     n_parts = 1 + sum(need)
-    small = {y: c for y, c in counts.items() if c < n_parts + 1}
+    minimum = n_parts + 1 if fold is None else max(n_parts + 1, fold[1] + need[0])
+    small = {y: c for y, c in counts.items() if c < minimum}
     if small:
         y, c = next(iter(small.items()))
         raise UserError(f"{table.source}: {'tag' if multi else 'class'} {y!r} has only {c} "
-                        f"distinct text(s); a stratified split needs at least {n_parts + 1} per "
-                        f"{'tag' if multi else 'class'}: add examples, drop it, or pass --val "
-                        f"and --test files")
+                        f"distinct text(s); a stratified split needs at least {minimum} per "
+                        f"{'tag' if multi else 'class'}: add examples, drop it, or "
+                        + ("use fewer folds" if fold else "pass --val and --test files"))
     if multi:  # rows whose rarest tag is still too rare to stratify on share a stratum
         from collections import Counter
 
         n = Counter(glabels)
         common = n.most_common(1)[0][0]
-        rare = sum(c for c in n.values() if c < n_parts + 1)
-        glabels = [y if n[y] >= n_parts + 1 else "\0rare" if rare >= n_parts + 1 else common
+        rare = sum(c for c in n.values() if c < minimum)
+        glabels = [y if n[y] >= minimum else "\0rare" if rare >= minimum else common
                    for y in glabels]
         counts = dict(Counter(glabels))
     need_val, need_test = need
     rest, rest_y = np.arange(len(reps)), glabels
     val_g, test_g = np.array([], dtype=int), np.array([], dtype=int)
     remaining = 1.0
-    if need_test:
+    if fold is not None:
+        k, folds = fold
+        train_g, test_pos = list(StratifiedKFold(folds, shuffle=True, random_state=seed)
+                                 .split(rest, rest_y))[k]
+        test_g, rest, rest_y = rest[test_pos], rest[train_g], [rest_y[i] for i in train_g]
+        remaining -= 1 / folds
+    elif need_test:
         size = max(test_fraction, len(counts) / len(rest))  # at least one per class
         rest, test_g, rest_y, _ = train_test_split(rest, rest_y, test_size=size,
                                                    random_state=seed, stratify=rest_y)
