@@ -62,7 +62,7 @@ def run_compare(base: RunConfig, strategies: list[str], out: Path, *,
             cfg.train.seed = seed
             cfg.out = str(out / name / f"seed-{seed}" if len(seeds) > 1 else out / name)
             log.info("=== %s%s ===", name, f" (seed {seed})" if len(seeds) > 1 else "")
-            status, m = _train_in_subprocess(cfg, progress)
+            status, m = train_in_subprocess(cfg, progress)
             if status != "ok":  # one failure must not lose the others
                 log.error("%s failed: %s", name, status)
             runs.append({"seed": seed, "status": "ok" if status == "ok" else f"failed: {status}",
@@ -97,9 +97,9 @@ def _row(name: str, runs: list[dict], several: bool) -> dict:
     return row
 
 
-def _train_in_subprocess(cfg: RunConfig, progress: bool) -> tuple[str, dict]:
-    """Each strategy runs in its own process: its peak memory is its own, and a crash (even an
-    out-of-memory kill) of one strategy is reported instead of ending the comparison."""
+def train_in_subprocess(cfg: RunConfig, progress: bool) -> tuple[str, dict]:
+    """A run in its own process (compare, curve, cv): its peak memory is its own, and a crash
+    (even an out-of-memory kill) of one run is reported instead of ending the others."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")

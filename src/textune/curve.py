@@ -9,7 +9,7 @@ import json
 import logging
 from pathlib import Path
 
-from .compare import _train_in_subprocess
+from .compare import train_in_subprocess
 from .config import RunConfig
 from .errors import UserError
 
@@ -69,7 +69,7 @@ def run_curve(base: RunConfig, sizes: str | None, out: Path, *, progress: bool =
         cfg.data.limit = None if n == n_train else n
         cfg.out = str(out / f"rows-{n}")
         log.info("=== %s on %d training rows ===", cfg.strategy.name, n)
-        status, m = _train_in_subprocess(cfg, progress)
+        status, m = train_in_subprocess(cfg, progress)
         if status != "ok":
             log.error("%d rows failed: %s", n, status)
         rows.append({"rows": n, "status": "ok" if status == "ok" else f"failed: {status}",

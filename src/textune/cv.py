@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .compare import _train_in_subprocess
+from .compare import train_in_subprocess
 from .config import RunConfig
 from .errors import UserError
 
@@ -43,7 +43,7 @@ def run_cv(base: RunConfig, folds: int, out: Path, *, progress: bool = True) -> 
         cfg.data.folds, cfg.data.fold = folds, k
         cfg.out = str(out / f"fold-{k}")
         log.info("=== fold %d of %d ===", k + 1, folds)
-        status, m = _train_in_subprocess(cfg, progress)
+        status, m = train_in_subprocess(cfg, progress)
         if status != "ok":
             log.error("fold %d failed: %s", k, status)
         runs.append({"fold": k, "status": "ok" if status == "ok" else f"failed: {status}",
