@@ -229,3 +229,19 @@ def test_multilabel_decoder_head(tiny_llama, tags_csv, tmp_path):
     p = clf.predict_proba(["good film 3", "the plot"])
     assert p.shape == (2, 3) and not np.allclose(p.sum(1), 1)  # independent sigmoids
     assert all(set(t) <= {"neg", "num", "pos"} for t in clf.predict(["good film 3"]))
+
+
+def test_multilabel_cross_validation_pools_each_folds_decisions(tiny_bert, tags_csv, tmp_path):
+    out = tmp_path / "cv"
+    assert main(["cv", "--model", str(tiny_bert), "--data", str(tags_csv), "--multi-label",
+                 "--folds", "3", "--lr", "1e-3", "--epochs", "14", "--max-length", "16",
+                 "--out", str(out), "--quiet"]) == 0
+    pooled = pd.read_csv(out / "predictions.csv", keep_default_na=False)
+    assert len(pooled) == 900 and set(pooled["fold"]) == {0, 1, 2}
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["multi_label"] and m["n_eval"] == 900 and "thresholds" not in m
+    assert m["accuracy"] == pytest.approx((pooled["label"] == pooled["predicted"]).mean())
+    folds = [json.loads((out / f"fold-{k}" / "metrics.json").read_text()) for k in range(3)]
+    assert m["accuracy"] == pytest.approx(sum(f["accuracy"] * f["n_eval"] for f in folds) / 900)
+    assert m["micro_f1"] >= 0.9, m
+    assert "exact-match accuracy" in (out / "cv.md").read_text()

@@ -27,9 +27,6 @@ def run_cv(base: RunConfig, folds: int, out: Path, *, progress: bool = True) -> 
     if base.data.test:
         raise UserError("--test: cross-validation makes its test splits from --data; drop "
                         "--test (evaluate a run on it with textune eval)")
-    if base.data.multi_label:
-        raise UserError("--multi-label: textune cv pools single-label predictions only; use "
-                        "train or compare")
     if base.data.split_seed is None:
         base.data.split_seed = base.split_seed
     from .api import load_splits
@@ -68,7 +65,8 @@ def pool(runs: list[dict], out: Path, base: RunConfig, folds: int) -> dict:
     ok = [r for r in runs if r["status"] == "ok"]
     summary: dict = {"model": base.model.model, "data": base.data.data,
                      "strategy": base.strategy.name, "folds": folds,
-                     "split_seed": base.split_seed, "epochs": base.train.epochs, "runs": runs}
+                     "split_seed": base.split_seed, "epochs": base.train.epochs,
+                     "multi_label": base.data.multi_label, "runs": runs}
     if not ok:
         return summary
     for key in ("accuracy", "macro_f1"):
@@ -85,10 +83,24 @@ def pool(runs: list[dict], out: Path, base: RunConfig, folds: int) -> dict:
         frames.append(f)
     df = pd.concat(frames, ignore_index=True)
     index = {n: i for i, n in enumerate(names)}
-    y = df["label"].map(index).to_numpy()
-    probs = df[[f"p_{n}" for n in names]].astype(float).to_numpy()
-    # the probabilities' logs as logits: the same argmax, and their softmax is the probabilities
-    m = classification_metrics(y, np.log(np.clip(probs, 1e-12, None)), names, uncertainty=True)
+    if base.data.multi_label:  # each fold decided with its own thresholds: score the decisions
+        sep = RunConfig.load(Path(ok[0]["run"]) / "config.json").data.label_sep or "|"
+
+        def tags(col) -> np.ndarray:
+            out = np.zeros((len(df), len(names)), dtype=np.float32)
+            for r, cell in enumerate(df[col]):
+                out[r, [index[t] for t in cell.split(sep) if t]] = 1
+            return out
+
+        m = classification_metrics(tags("label"), np.where(tags("predicted") > 0, 1.0, -1.0),
+                                   names, uncertainty=True)
+        m.pop("thresholds")  # (each fold's own: in its calibration.json)
+    else:
+        y = df["label"].map(index).to_numpy()
+        probs = df[[f"p_{n}" for n in names]].astype(float).to_numpy()
+        # the probabilities' logs as logits: the same argmax; their softmax is the probabilities
+        m = classification_metrics(y, np.log(np.clip(probs, 1e-12, None)), names,
+                                   uncertainty=True)
     m.update({"split": f"out-of-fold predictions ({folds} folds)", "model": base.model.model,
               "strategy": base.strategy.name})
     write_frame(df, out / "predictions.csv")
@@ -96,7 +108,7 @@ def pool(runs: list[dict], out: Path, base: RunConfig, folds: int) -> dict:
     write_report(out, m, title=f"textune cv: {base.strategy.name} on {base.data.data}, "
                                f"{folds} folds")
     summary["pooled"] = {k: m[k] for k in ("accuracy", "accuracy_ci95", "macro_f1",
-                                           "macro_f1_ci95", "n_eval")}
+                                           "macro_f1_ci95", "n_eval", "micro_f1") if k in m}
     return summary
 
 
@@ -118,11 +130,14 @@ def markdown(s: dict) -> str:
                   + f", macro-F1 {s['macro_f1_mean']:.4f}."]
     p = s.get("pooled")
     if p:
-        lines += [f"Every row, out of fold (n={p['n_eval']}): accuracy {p['accuracy']:.4f} "
+        acc = "exact-match accuracy" if s.get("multi_label") else "accuracy"
+        micro = f", micro-F1 {p['micro_f1']:.4f}" if "micro_f1" in p else ""
+        lines += [f"Every row, out of fold (n={p['n_eval']}): {acc} {p['accuracy']:.4f} "
                   f"[{p['accuracy_ci95'][0]:.3f}, {p['accuracy_ci95'][1]:.3f}], macro-F1 "
                   f"{p['macro_f1']:.4f} [{p['macro_f1_ci95'][0]:.3f}, "
-                  f"{p['macro_f1_ci95'][1]:.3f}] (95% bootstrap intervals over the rows; they "
-                  f"leave out how the folds' models differ, which the sd above shows).",
+                  f"{p['macro_f1_ci95'][1]:.3f}]{micro} (95% bootstrap intervals over the "
+                  f"rows; they leave out how the folds' models differ, which the sd above shows).",
                   "", "predictions.csv: every row with its fold and out-of-fold prediction; "
-                  "report.html lists the most confident mistakes, often wrong labels."]
+                  + ("report.html lists the rows with a wrong tag." if s.get("multi_label") else
+                     "report.html lists the most confident mistakes, often wrong labels.")]
     return "\n".join(lines)
