@@ -317,12 +317,16 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
     elif resume and state.best_epoch > 0:  # best was saved by the interrupted process
         model = strategy.load(_rebuild_for_load(cfg, splits, strategy, out), out).to(device)
 
+    def best_val_logits() -> np.ndarray:
+        """The best epoch's validation logits, scored again only for a resumed run (whose best
+        epoch was scored by the earlier process)."""
+        vl = val_logits.get("best")
+        return vl if vl is not None else predict_logits(
+            model, enc["val"], cfg.train.eval_batch_size, device, amp_dtype(accelerator))
+
     temperature, thresholds = 1.0, None
     if cfg.train.calibration in ("threshold", "per-tag") and len(enc["val"]):
-        vl = val_logits.get("best")
-        if vl is None:
-            vl = predict_logits(model, enc["val"], cfg.train.eval_batch_size, device,
-                                amp_dtype(accelerator))
+        vl = best_val_logits()
         per_tag = cfg.train.calibration == "per-tag"
         thresholds = fit_thresholds(vl, enc["val"].labels, per_tag=per_tag)
         how = (f"each tag's own where it has {MIN_THRESHOLD_POSITIVES}+ positive rows there"
@@ -336,10 +340,7 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
                  "fitted_on": f"validation split ({len(enc['val'])} rows)"}, indent=2,
                 ensure_ascii=False) + "\n")
     if cfg.train.calibration == "temperature" and len(enc["val"]):
-        vl = val_logits.get("best")
-        if vl is None:  # (a resumed run whose best epoch was scored by the earlier process)
-            vl = predict_logits(model, enc["val"], cfg.train.eval_batch_size, device,
-                                amp_dtype(accelerator))
+        vl = best_val_logits()
         wrong = int((vl.argmax(1) != enc["val"].labels).sum())
         if len(vl) < MIN_CALIBRATION_ROWS or wrong == 0:
             # with no mistake to weigh, the likelihood only grows as the temperature falls:
