@@ -19,6 +19,7 @@ from . import __version__, loop
 from .classifier import CALIBRATION, Classifier, build_model, load
 from .config import RunConfig
 from .data import (
+    TAG_JOIN,
     UNKNOWN_WARN,
     Encoded,
     Table,
@@ -439,8 +440,9 @@ def held_out_metrics(table: Table, y: np.ndarray, logits: np.ndarray, names: lis
 
 
 def tag_names(chosen: np.ndarray, names: list[str], sep: str | None) -> list[str]:
-    """Each row's tags (a 0/1 row of ``names``) as one string, joined by ``sep`` (or |)."""
-    sep = sep or "|"
+    """Each row's tags (a 0/1 row of ``names``) as one string, joined by ``sep`` (or
+    ``TAG_JOIN``)."""
+    sep = sep or TAG_JOIN
     return [sep.join(names[j] for j in np.flatnonzero(row)) for row in chosen]
 
 

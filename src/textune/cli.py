@@ -237,7 +237,7 @@ def cmd_predict(a) -> int:
     import pandas as pd
 
     from .classifier import load
-    from .data import check_writable, read_inputs, write_frame
+    from .data import TAG_JOIN, check_writable, read_inputs, write_frame
 
     if a.output and Path(a.output).exists() and not a.overwrite:
         raise UserError(f"--output {a.output}: exists; choose a new file or pass --overwrite")
@@ -264,7 +264,7 @@ def cmd_predict(a) -> int:
     pred = pd.Series([None] * len(df), dtype=object)
     chosen = clf.decide(probs)
     if clf.multi_label:  # one cell of tags, joined as in the training file
-        chosen = [(clf.config.data.label_sep or "|").join(tags) for tags in chosen]
+        chosen = [(clf.config.data.label_sep or TAG_JOIN).join(tags) for tags in chosen]
     pred.iloc[keep] = chosen
     out[name] = pred.values
     for j, n in enumerate(clf.labels):

@@ -58,7 +58,7 @@ def pool(runs: list[dict], out: Path, base: RunConfig, folds: int) -> dict:
     metrics of that file; with each fold's own scores, their mean and spread."""
     import pandas as pd
 
-    from .data import write_frame
+    from .data import TAG_JOIN, write_frame
     from .metrics import classification_metrics
     from .report import write_report
 
@@ -84,7 +84,7 @@ def pool(runs: list[dict], out: Path, base: RunConfig, folds: int) -> dict:
     df = pd.concat(frames, ignore_index=True)
     index = {n: i for i, n in enumerate(names)}
     if base.data.multi_label:  # each fold decided with its own thresholds: score the decisions
-        sep = RunConfig.load(Path(ok[0]["run"]) / "config.json").data.label_sep or "|"
+        sep = RunConfig.load(Path(ok[0]["run"]) / "config.json").data.label_sep or TAG_JOIN
 
         def tags(col) -> np.ndarray:
             out = np.zeros((len(df), len(names)), dtype=np.float32)

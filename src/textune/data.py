@@ -45,7 +45,7 @@ class Table:
 
     @property
     def multi_label(self) -> bool:
-        return bool(self.labels) and isinstance(self.labels[0], tuple)
+        return self.labels is not None and is_tag_lists(self.labels)
 
     def subset(self, idx) -> Table:
         pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
@@ -246,6 +246,13 @@ def read_table(path: str | Path, *, text_col: str | None = None, label_col: str 
 
 
 TAG_SEPARATORS = ("|", ";", ",")
+TAG_JOIN = "|"
+"""Joins a row's tags in one cell (predictions.csv, predict) when the data gave no separator."""
+
+
+def is_tag_lists(labels: list) -> bool:
+    """Whether ``labels`` are multi-label rows (tuples of tags) rather than one label a row."""
+    return bool(labels) and isinstance(labels[0], tuple)
 _TRUE = {"1", "1.0", "true", "yes", "y", "t"}
 _FALSE = {"0", "0.0", "false", "no", "n", "f", ""}
 
@@ -405,8 +412,7 @@ def _label_str(y) -> str:
 def build_label_names(labels: list[str] | list[tuple[str, ...]]) -> list[str]:
     """Sorted label names (multi-label: every tag); numeric labels sort as numbers ('2' <
     '10')."""
-    uniq = {t for tags in labels for t in tags} if labels and isinstance(labels[0], tuple) \
-        else set(labels)
+    uniq = {t for tags in labels for t in tags} if is_tag_lists(labels) else set(labels)
     try:
         return sorted(uniq, key=lambda s: float(s))
     except ValueError:
@@ -417,7 +423,7 @@ def encode_labels(labels: list[str] | list[tuple[str, ...]], names: list[str],
                   source: str) -> np.ndarray:
     """Label indices ``[n]``; multi-label tags: a 0/1 float matrix ``[n, len(names)]``."""
     index = {n: i for i, n in enumerate(names)}
-    multi = bool(labels) and isinstance(labels[0], tuple)
+    multi = is_tag_lists(labels)
     unseen = sorted(({t for tags in labels for t in tags} if multi else set(labels)) - set(index))
     if unseen:
         raise UserError(f"{source}: labels {unseen[:5]} do not occur in the training data "
@@ -433,7 +439,7 @@ def encode_labels(labels: list[str] | list[tuple[str, ...]], names: list[str],
 def strata(labels: list[str] | list[tuple[str, ...]]) -> list[str]:
     """What a stratified split balances: the label; for multi-label rows, the row's rarest tag
     (so rare tags reach every split), "" for a row without tags."""
-    if not labels or not isinstance(labels[0], tuple):
+    if not is_tag_lists(labels):
         return list(labels)
     counts: dict[str, int] = {}
     for tags in labels:
