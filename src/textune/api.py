@@ -407,7 +407,6 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
     return metrics
 
 
-PREDICTIONS = "predictions.csv"
 MIN_CALIBRATION_ROWS = 50  # fewer validation rows than this: no temperature is fitted
 
 
@@ -419,6 +418,7 @@ def held_out_metrics(table: Table, y: np.ndarray, logits: np.ndarray, names: lis
     report's mistakes table and `compare`'s paired differences). Multi-label rows (``y`` 0/1
     rows): their tags joined by ``label_sep`` (default ``|``), sigmoid probabilities."""
     from .data import write_frame
+    from .report import PREDICTIONS
 
     metrics = classification_metrics(y, logits, names, uncertainty=True, thresholds=thresholds)
     if folder is not None:

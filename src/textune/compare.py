@@ -155,17 +155,15 @@ def paired_differences(rows: list[dict]) -> None:
     several seeds, ``accuracy_ci95``. Rows scored on other rows (a prompt run with --limit)
     get none."""
     import numpy as np
-    import pandas as pd
 
     from .metrics import bootstrap_means, interval
+    from .report import read_predictions
 
     right, ref = {}, None
     for r in rows:
         r.pop("accuracy_vs_best", None)
-        frames = [pd.read_csv(Path(x["run"]) / "predictions.csv", keep_default_na=False,
-                              dtype=str)
-                  for x in r.get("runs", [r]) if x["status"] == "ok"
-                  and (Path(x["run"]) / "predictions.csv").exists()]
+        frames = [f for x in r.get("runs", [r]) if x["status"] == "ok"
+                  and (f := read_predictions(x["run"])) is not None]
         if not frames or r.get("accuracy") is None:
             continue
         ref = frames[0] if ref is None else ref

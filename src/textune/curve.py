@@ -83,14 +83,13 @@ def step_gains(rows: list[dict]) -> None:
     """Each size's accuracy gain over the size before it, with a 95% interval from a paired
     bootstrap over the shared test rows (from the runs' predictions.csv): sets ``gain``."""
     import numpy as np
-    import pandas as pd
 
     from .metrics import bootstrap_means, interval
+    from .report import read_predictions
 
-    ok = [r for r in rows if r["status"] == "ok"
-          and (Path(r["run"]) / "predictions.csv").exists()]
-    frames = [pd.read_csv(Path(r["run"]) / "predictions.csv", keep_default_na=False, dtype=str)
-              for r in ok]
+    read = [(r, read_predictions(r["run"])) for r in rows if r["status"] == "ok"]
+    ok = [r for r, f in read if f is not None]
+    frames = [f for _, f in read if f is not None]
     for prev, r, fp, f in zip(ok, ok[1:], frames, frames[1:]):
         if len(f) != len(fp) or not f["text"].equals(fp["text"]):
             continue

@@ -60,7 +60,7 @@ def pool(runs: list[dict], out: Path, base: RunConfig, folds: int) -> dict:
 
     from .data import TAG_JOIN, write_frame
     from .metrics import classification_metrics
-    from .report import write_report
+    from .report import PREDICTIONS, read_predictions, write_report
 
     ok = [r for r in runs if r["status"] == "ok"]
     summary: dict = {"model": base.model.model, "data": base.data.data,
@@ -78,7 +78,9 @@ def pool(runs: list[dict], out: Path, base: RunConfig, folds: int) -> dict:
     names = json.loads((Path(ok[0]["run"]) / "labels.json").read_text(encoding="utf-8"))
     frames = []
     for r in ok:
-        f = pd.read_csv(Path(r["run"]) / "predictions.csv", keep_default_na=False, dtype=str)
+        f = read_predictions(r["run"])
+        if f is None:
+            return summary  # (a run folder someone emptied)
         f.insert(0, "fold", r["fold"])
         frames.append(f)
     df = pd.concat(frames, ignore_index=True)
@@ -103,7 +105,7 @@ def pool(runs: list[dict], out: Path, base: RunConfig, folds: int) -> dict:
                                    uncertainty=True)
     m.update({"split": f"out-of-fold predictions ({folds} folds)", "model": base.model.model,
               "strategy": base.strategy.name})
-    write_frame(df, out / "predictions.csv")
+    write_frame(df, out / PREDICTIONS)
     (out / "metrics.json").write_text(json.dumps(m, indent=2, ensure_ascii=False) + "\n")
     write_report(out, m, title=f"textune cv: {base.strategy.name} on {base.data.data}, "
                                f"{folds} folds")

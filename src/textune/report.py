@@ -154,19 +154,24 @@ def _ci(metrics: dict, key: str) -> str:
 
 
 MISTAKES_SHOWN = 15
+PREDICTIONS = "predictions.csv"
+"""Every held-out row of a run or eval folder: text, label, predicted, p_<class>."""
+
+
+def read_predictions(folder: str | Path):
+    """A folder's predictions.csv as a frame of strings (empty cells as ""), or None."""
+    import pandas as pd
+
+    p = Path(folder) / PREDICTIONS
+    return pd.read_csv(p, keep_default_na=False, dtype=str) if p.exists() else None
 
 
 def mistakes(folder: Path, multi_label: bool = False) -> list[str]:
     """The report's table of the held-out rows the classifier got wrong, most confident first
     (from the folder's predictions.csv), and how many there are. Multi-label: rows with any
     tag wrong, in file order (no single confidence ranks them)."""
-    import pandas as pd
-
-    p = folder / "predictions.csv"
-    if not p.exists():
-        return []
-    df = pd.read_csv(p, keep_default_na=False, dtype=str)
-    if not {"text", "label", "predicted"} <= set(df.columns):
+    df = read_predictions(folder)
+    if df is None or not {"text", "label", "predicted"} <= set(df.columns):
         return []
     wrong = df[df["label"] != df["predicted"]].copy()
     head = f"<h2>Mistakes ({len(wrong)} of {len(df)} rows)</h2>"
