@@ -197,7 +197,8 @@ def paired_differences(rows: list[dict]) -> None:
             by_name[n]["accuracy_vs_best"]["within_seed_spread"] = True
 
 
-def _cell(k: str, v, r: dict) -> str:
+def table_cell(k: str, v, r: dict) -> str:
+    """A markdown table cell: value ``v`` of column ``k`` in row ``r`` (compare, curve, cv)."""
     if v is None:
         return "-"
     if k == "saved_bytes":
@@ -207,7 +208,7 @@ def _cell(k: str, v, r: dict) -> str:
         return f"{v:.4f} [{lo:.3f}, {hi:.3f}]"
     if k in ("accuracy", "macro_f1", "accuracy_sd"):
         return f"{v:.4f}"
-    if k == "accuracy_vs_best":
+    if k in ("accuracy_vs_best", "gain"):  # a paired difference: {difference, ci95}
         return v if isinstance(v, str) else (f"{100 * v['difference']:+.1f} pts "
                                              f"[{100 * v['ci95'][0]:+.1f}, {100 * v['ci95'][1]:+.1f}]"
                                              + (" †" if v.get("within_seed_spread") else ""))
@@ -250,7 +251,7 @@ def write_outputs(out: Path, rows: list[dict], base: RunConfig,
              "", "| " + " | ".join(h for _, h in columns) + " | status |",
              "|" + "---|" * (len(columns) + 1)]
     for r in rows:
-        lines.append("| " + " | ".join(_cell(k, r.get(k), r) for k, _ in columns)
+        lines.append("| " + " | ".join(table_cell(k, r.get(k), r) for k, _ in columns)
                      + f" | {r['status']} |")
     if several:
         lines += ["", "| strategy | seed | accuracy | macro-F1 | train s | run | status |",
@@ -258,7 +259,7 @@ def write_outputs(out: Path, rows: list[dict], base: RunConfig,
         for r in rows:
             for x in r.get("runs", []):
                 lines.append(f"| {r['strategy']} | {x['seed']} | "
-                             + " | ".join(_cell(k, x.get(k), {}) for k in
+                             + " | ".join(table_cell(k, x.get(k), {}) for k in
                                           ("accuracy", "macro_f1", "train_seconds"))
                              + f" | {Path(x['run']).relative_to(out)} | {x['status']} |")
     (out / "compare.md").write_text("\n".join(lines) + "\n")

@@ -9,7 +9,7 @@ import json
 import logging
 from pathlib import Path
 
-from .compare import train_in_subprocess
+from .compare import table_cell, train_in_subprocess
 from .config import RunConfig
 from .errors import UserError
 
@@ -133,15 +133,8 @@ def write_outputs(out: Path, rows: list[dict], base: RunConfig, n_train: int) ->
              "| training rows | accuracy [95% CI] | macro-F1 | gain over the previous size | "
              "train s | status |", "|---|---|---|---|---|---|"]
     for r in rows:
-        acc = "-" if r.get("accuracy") is None else f"{r['accuracy']:.4f}" + (
-            f" [{r['accuracy_ci95'][0]:.3f}, {r['accuracy_ci95'][1]:.3f}]"
-            if r.get("accuracy_ci95") else "")
-        g = r.get("gain")
-        gain = "-" if not g else (f"{100 * g['difference']:+.1f} pts [{100 * g['ci95'][0]:+.1f},"
-                                  f" {100 * g['ci95'][1]:+.1f}]")
-        f1 = "-" if r.get("macro_f1") is None else f"{r['macro_f1']:.4f}"
-        secs = "-" if r.get("train_seconds") is None else f"{r['train_seconds']:,.1f}"
-        lines.append(f"| {r['rows']:,} | {acc} | {f1} | {gain} | {secs} | {r['status']} |")
+        lines.append("| " + " | ".join(table_cell(k, r.get(k), r) for k in (
+            "rows", "accuracy", "macro_f1", "gain", "train_seconds")) + f" | {r['status']} |")
     v = verdict(rows)
     if v:
         lines += ["", v]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .compare import train_in_subprocess
+from .compare import table_cell, train_in_subprocess
 from .config import RunConfig
 from .errors import UserError
 
@@ -121,10 +121,9 @@ def markdown(s: dict) -> str:
              "| fold | training rows | test rows | accuracy | macro-F1 | train s | status |",
              "|---|---|---|---|---|---|---|"]
     for r in s["runs"]:
-        acc, f1, secs = (("-" if r.get(k) is None else f"{r[k]:{fmt}}") for k, fmt in
-                         (("accuracy", ".4f"), ("macro_f1", ".4f"), ("train_seconds", ".1f")))
-        lines.append(f"| {r['fold']} | {r.get('train_rows') or '-'} | {r.get('n_eval') or '-'} | "
-                     f"{acc} | {f1} | {secs} | {r['status']} |")
+        lines.append("| " + " | ".join(table_cell(k, r.get(k), r) for k in (
+            "fold", "train_rows", "n_eval", "accuracy", "macro_f1", "train_seconds"))
+            + f" | {r['status']} |")
     if "accuracy_mean" in s:
         sd = s.get("accuracy_sd")
         lines += ["", f"Mean over folds: accuracy {s['accuracy_mean']:.4f}"
