@@ -173,12 +173,13 @@ class RunConfig:
              "threshold (one for all tags), per-tag or none"),
             (t.calibration not in ("threshold", "per-tag") or d.multi_label,
              f"--calibration {t.calibration} is for --multi-label data; use temperature or none"),
-            (d.folds is None or d.folds >= 2, "--folds must be >= 2"),
+            (d.folds is None or d.folds >= 2, f"--folds {d.folds}: give 2 or more (5 or 10 are "
+                                              f"usual)"),
             ((d.folds is None) == (d.fold is None) and
              (d.fold is None or 0 <= d.fold < d.folds), "fold must be in [0, folds)"),
             (d.folds is None or not d.test,
-             "--folds makes the test splits from --data; drop --test (or evaluate on it with "
-             "textune eval)"),
+             "--test: cross-validation makes its test splits from --data; drop --test "
+             "(evaluate a run on it with textune eval)"),
             (not d.multi_label or not d.text_pair_col,
              "--multi-label with --text-pair-col is not supported; join the two texts"),
             (t.max_steps is None or t.max_steps >= 1, "--max-steps must be >= 1"),

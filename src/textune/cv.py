@@ -14,7 +14,6 @@ import numpy as np
 
 from .compare import table_cell, train_in_subprocess
 from .config import RunConfig
-from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -22,18 +21,14 @@ log = logging.getLogger(__name__)
 def run_cv(base: RunConfig, folds: int, out: Path, *, progress: bool = True) -> dict:
     """Train ``base`` once per fold (its own process), then pool the folds' test predictions
     into ``out``/predictions.csv and score them: cv.md, cv.json, metrics.json, report.html."""
-    if folds < 2:
-        raise UserError(f"--folds {folds}: give 2 or more (5 or 10 are usual)")
-    if base.data.test:
-        raise UserError("--test: cross-validation makes its test splits from --data; drop "
-                        "--test (evaluate a run on it with textune eval)")
     if base.data.split_seed is None:
         base.data.split_seed = base.split_seed
     from .api import load_splits
 
     probe = copy.deepcopy(base)
     probe.data.folds, probe.data.fold = folds, 0
-    load_splits(probe.validate())  # bad data or flags: one clear error, before any training
+    # bad data or flags (--folds, --test: RunConfig.validate): one clear error, before training
+    load_splits(probe.validate())
     runs = []
     for k in range(folds):
         cfg = copy.deepcopy(base)
