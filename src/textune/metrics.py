@@ -85,10 +85,11 @@ def multilabel_metrics(y_true: np.ndarray, logits: np.ndarray, names: list[str],
     return out
 
 
-def _tag_counts(y: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, ...]:
-    """True positives, false positives, false negatives per tag (as floats)."""
-    return ((y & pred).sum(0).astype(np.float64), (~y & pred).sum(0).astype(np.float64),
-            (y & ~pred).sum(0).astype(np.float64))
+def _tag_counts(y: np.ndarray, pred: np.ndarray, axis=0) -> tuple[np.ndarray, ...]:
+    """True positives, false positives, false negatives (as floats), summed over ``axis``:
+    the rows, giving one count per tag."""
+    return tuple((a & b).sum(axis).astype(np.float64) for a, b in
+                 ((y, pred), (~y, pred), (y, ~pred)))
 
 
 def _f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
@@ -114,8 +115,7 @@ def fit_thresholds(logits: np.ndarray, y_true: np.ndarray, per_tag: bool = False
     def best(p: np.ndarray, t: np.ndarray) -> float:  # p, t: [rows, tags]
         pred = p[..., None] >= THRESHOLD_GRID  # [rows, tags, grid]
         t = t[..., None]
-        f1 = _f1(*((a & b).sum((0, 1)).astype(np.float64) for a, b in
-                   ((t, pred), (~t, pred), (t, ~pred))))
+        f1 = _f1(*_tag_counts(t, pred, axis=(0, 1)))  # one F1 per grid threshold
         top = np.flatnonzero(f1 >= f1.max() - 1e-12)
         return float(THRESHOLD_GRID[top[np.argmin(np.abs(THRESHOLD_GRID[top] - 0.5))]])
 
