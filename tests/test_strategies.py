@@ -1,5 +1,7 @@
 """Each strategy on tiny models: what trains, that it learns, and that reloading is exact."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -106,6 +108,7 @@ def test_backbone_stays_bit_identical(strategy, tiny_bert, toy_csv, tmp_path):
 
 
 def test_frozen_features_are_computed_once(tiny_bert, toy_csv, tmp_path, monkeypatch):
+    monkeypatch.setenv("TEXTUNE_FEATURE_CACHE", "0")  # (the second run would read them all)
     calls = []
     orig = TextClassifier.features
 
@@ -119,6 +122,63 @@ def test_frozen_features_are_computed_once(tiny_bert, toy_csv, tmp_path, monkeyp
     calls.clear()
     train(config(tiny_bert, toy_csv, tmp_path / "b", "frozen", epochs=6), progress=False)
     assert len(calls) == one  # extra epochs never touch the backbone
+
+
+def test_frozen_features_are_reused_by_later_runs(tiny_bert, toy_csv, tmp_path, monkeypatch):
+    import pandas as pd
+
+    calls = []
+    orig = TextClassifier.features
+
+    def spy(self, *a, **k):
+        calls.append(len(a[0]) if a else len(k["input_ids"]))
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(TextClassifier, "features", spy)
+    first = train(config(tiny_bert, toy_csv, tmp_path / "a", "frozen", lr=1e-1, epochs=2),
+                  progress=False)
+    rows = sum(first["splits"][k] for k in ("train", "val")) + first["n_eval"]
+    assert first["features_from_cache"] == 0 and sum(calls) == rows
+    calls.clear()
+    again = train(config(tiny_bert, toy_csv, tmp_path / "b", "frozen", lr=1e-1, epochs=2),
+                  progress=False)
+    assert calls == [] and again["features_from_cache"] == rows
+    # the same features, so the same run: identical test predictions
+    a, b = (pd.read_csv(tmp_path / x / "predictions.csv") for x in "ab")
+    pd.testing.assert_frame_equal(a, b)
+    assert again["accuracy"] == first["accuracy"]
+    # a smaller training sample: every row already stored
+    train(config(tiny_bert, toy_csv, tmp_path / "c", "frozen", epochs=1), progress=False)
+    assert calls == []
+    # other weights in the model folder (a newer file): nothing reused
+    w = next(tiny_bert.glob("*.safetensors"))
+    w.touch()
+    os.utime(w, ns=(w.stat().st_atime_ns, w.stat().st_mtime_ns + 10**9))
+    third = train(config(tiny_bert, toy_csv, tmp_path / "d", "frozen", epochs=1), progress=False)
+    assert third["features_from_cache"] == 0 and sum(calls) == rows
+
+
+def test_feature_cache_rows_duplicates_damage_and_size(tmp_path):
+    from textune.data import Encoded
+    from textune.featcache import FeatureCache, row_keys, trim
+
+    cache = FeatureCache(tmp_path / "features" / "k", hidden=4)
+    enc = Encoded([np.array([1, 2, 3]), np.array([1, 2]), np.array([1, 2, 3])], None, None, 0)
+    keys = row_keys(enc)
+    assert (keys[0] == keys[2]).all() and not (keys[0] == keys[1]).all()
+    pair = Encoded([np.array([1, 2, 3])], [np.array([0, 1, 1])], None, 0)
+    assert not (row_keys(pair)[0] == keys[0]).all()  # segment ids are part of the key
+    found, _ = cache.lookup(keys)
+    assert not found.any()
+    cache.add(keys[:1], torch.full((1, 4), 7.0))
+    (cache.folder / "damaged.safetensors").write_bytes(b"not a shard")
+    found, feats = cache.lookup(keys)
+    assert found.tolist() == [True, False, True]  # a repeated row shares its key's features
+    assert feats[0].tolist() == feats[2].tolist() == [7.0] * 4
+    cache.add(keys[1:2], torch.full((1, 4), 5.0))
+    assert cache.lookup(keys)[0].all() and cache.lookup(keys)[1][1].tolist() == [5.0] * 4
+    trim(tmp_path / "features", 0)
+    assert not list(cache.folder.glob("*.safetensors"))
 
 
 def test_last_token_pooling_left_and_right_padding():

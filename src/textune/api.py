@@ -283,13 +283,16 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
     train_data: Encoded | FeatureData = enc["train"]
     val_data: Encoded | FeatureData = enc["val"]
     feature_seconds = 0.0
+    features_cached = 0
     if strategy.precompute_features:
+        from .featcache import FeatureCache
+
         tf = time.perf_counter()
         model.to(device)
-        train_data = compute_features(model, enc["train"], cfg, device, amp_dtype(accelerator),
-                                      progress)
-        val_data = compute_features(model, enc["val"], cfg, device, amp_dtype(accelerator),
-                                    progress)
+        cache = FeatureCache.for_backbone(src, model, device, amp_dtype(accelerator))
+        train_data, val_data = (compute_features(model, enc[s], cfg, device, amp_dtype(accelerator),
+                                                 progress, cache) for s in ("train", "val"))
+        features_cached = train_data.from_cache + val_data.from_cache
         feature_seconds = time.perf_counter() - tf
 
     best_state: dict[str, torch.Tensor] = {}
@@ -358,7 +361,12 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
                 {"temperature": temperature, "fitted_on": f"validation split "
                  f"({len(enc['val'])} rows)"}, indent=2) + "\n")
 
-    test_logits = predict_logits(model, enc["test"], cfg.train.eval_batch_size, device,
+    test_data = enc["test"]
+    if strategy.precompute_features:  # the test rows' features: from the cache, or stored in it
+        test_data = compute_features(model, test_data, cfg, device, amp_dtype(accelerator),
+                                     progress, cache)
+        features_cached += test_data.from_cache
+    test_logits = predict_logits(model, test_data, cfg.train.eval_batch_size, device,
                                  amp_dtype(accelerator), progress=progress, desc="test")
     metrics = held_out_metrics(splits.test, enc["test"].labels, test_logits / temperature,
                                splits.labels, out if accelerator.is_main_process else None,
@@ -386,6 +394,7 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
         "stopped_early": state.stopped_early,
         "train_seconds": round(train_seconds, 3),
         "feature_seconds": round(feature_seconds, 3),
+        "features_from_cache": features_cached,
         "train_samples_per_second": round(state.samples / max(train_seconds, 1e-9), 3),
         "total_seconds": round(time.perf_counter() - t0, 3),
         "trainable_params": trainable,
@@ -555,14 +564,41 @@ def saved_bytes(run: Path) -> int:
 
 
 @torch.inference_mode()
-def compute_features(model, data: Encoded, cfg: RunConfig, device, amp, progress) -> FeatureData:
+def compute_features(model, data: Encoded, cfg: RunConfig, device, amp, progress,
+                     cache=None) -> FeatureData:
     """Backbone features for every row, once: inference mode, length-sorted batches (token
-    budgets on a GPU), written into one tensor that stays on the GPU unless it is huge."""
+    budgets on a GPU), written into one tensor that stays on the GPU unless it is huge. Rows
+    an earlier run stored in ``cache`` (a ``featcache.FeatureCache``) are read, not computed;
+    the others are added to it."""
+    keep = device if device.type == "cuda" and len(data) * model.hidden_size * 4 < 2**31 \
+        else torch.device("cpu")
+    if cache is None or not len(data):
+        return FeatureData(_backbone_features(model, data, cfg, device, amp, progress, keep),
+                           data.labels)
+    from .featcache import row_keys
+
+    keys = row_keys(data)
+    found, feats = cache.lookup(keys)
+    missing = np.flatnonzero(~found)
+    if len(missing):
+        new = _backbone_features(model, data.select(missing), cfg, device, amp, progress, keep)
+        feats[torch.as_tensor(missing)] = new.cpu()
+        rank = torch.distributed.get_rank() if torch.distributed.is_available() and \
+            torch.distributed.is_initialized() else 0
+        if rank == 0:
+            _, first = np.unique(keys[missing], axis=0, return_index=True)
+            cache.add(keys[missing][first], new[torch.as_tensor(first, device=new.device)])
+    if found.any():
+        log.info("features: %s of %s rows from the cache of earlier runs, %s computed",
+                 f"{int(found.sum()):,}", f"{len(data):,}", f"{len(missing):,}")
+    return FeatureData(feats.to(keep), data.labels, from_cache=int(found.sum()))
+
+
+def _backbone_features(model, data: Encoded, cfg: RunConfig, device, amp, progress,
+                       keep: torch.device) -> torch.Tensor:
     from .loop import inference_batches, inference_outputs
 
     model.eval()
-    keep = device if device.type == "cuda" and len(data) * model.hidden_size * 4 < 2**31 \
-        else torch.device("cpu")
     batches = inference_batches(data, cfg.train.eval_batch_size, device)
     if amp is not None and all(p.dtype == amp for p in model.backbone.parameters()
                                if p.is_floating_point()):
@@ -574,7 +610,7 @@ def compute_features(model, data: Encoded, cfg: RunConfig, device, amp, progress
     feats = torch.empty(len(data), model.hidden_size, device=keep)
     feats[order] = torch.cat(parts)
     model.train()
-    return FeatureData(feats, data.labels)
+    return feats
 
 
 def evaluate_run(run: str | Path, data: str, out: str | Path | None = None, *,

@@ -78,7 +78,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adapter-where", default="both", choices=["both", "ffn"],
                    help="adapters after attention and feed-forward (Houlsby) or ffn only (Pfeiffer)")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=3)
+    g.add_argument("--epochs", type=int,
+                   help="default 3; frozen 20 (its epochs cost little: features are cached)")
     g.add_argument("--batch-size", type=_batch_size, default=32,
                    help="rows per optimizer step, or auto: the largest that fits the device, "
                         "accumulating to 32 (or --batch-size-target)")
@@ -281,6 +282,17 @@ def cmd_predict(a) -> int:
     return 0
 
 
+def _seeds(a) -> list[int] | None:
+    """``--seeds 0,1,2`` of compare and tune."""
+    if not a.seeds:
+        return None
+    try:
+        return [int(x) for x in a.seeds.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--seeds {a.seeds}: give whole numbers separated by commas, e.g. "
+                        f"0,1,2") from None
+
+
 def cmd_compare(a) -> int:
     from .api import prepare_out_dir
     from .compare import run_compare
@@ -293,14 +305,7 @@ def cmd_compare(a) -> int:
         log.warning("--lr %g applies to every strategy; their defaults differ (frozen 1e-3, "
                     "lora 5e-4, adapter 1e-3, full 5e-5)", a.lr)
     strategies = [s.strip() for s in a.strategies.split(",") if s.strip()]
-    seeds = None
-    if a.seeds:
-        try:
-            seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
-        except ValueError:
-            raise UserError(f"--seeds {a.seeds}: give whole numbers separated by commas, e.g. "
-                            f"0,1,2") from None
-    rows = run_compare(cfg, strategies, out, seeds=seeds, progress=not a.quiet)
+    rows = run_compare(cfg, strategies, out, seeds=_seeds(a), progress=not a.quiet)
     print((out / "compare.md").read_text())
     print(f"table: {out / 'compare.md'}  chart: {out / 'compare.png'}")
     return 0 if any(r["status"] == "ok" for r in rows) else 1
@@ -315,6 +320,33 @@ def cmd_curve(a) -> int:
     print((out / "curve.md").read_text())
     print(f"table: {out / 'curve.md'}  chart: {out / 'curve.png'}")
     return 0 if any(r["status"] == "ok" for r in rows) else 1
+
+
+def cmd_tune(a) -> int:
+    import copy
+
+    from .api import prepare_out_dir
+    from .tune import combinations, default_lr_grid, parse_grid, run_tune
+
+    base = config_from_args(a, a.strategy).validate()
+    grid = parse_grid(a.grid or [], a.grid_parser) if a.grid else default_lr_grid(base)
+
+    def apply(values: dict):
+        ns = copy.copy(a)
+        for dest, v in values.items():
+            setattr(ns, dest, v)
+        return config_from_args(ns, a.strategy)
+
+    combos = combinations(base, grid, apply)
+    if len(combos) * max(len(_seeds(a) or [0]), 1) > 24:
+        log.warning("tune: %d combinations x %d seeds = %d training runs", len(combos),
+                    len(_seeds(a) or [0]), len(combos) * len(_seeds(a) or [0]))
+    out = prepare_out_dir(a.out, a.overwrite)
+    s = run_tune(base, combos, out, seeds=_seeds(a), progress=not a.quiet)
+    print((out / "tune.md").read_text())
+    print(f"table: {out / 'tune.md'}  chart: {out / 'tune.png'}"
+          + (f"  chosen run: {out / 'best'}" if "chosen" in s else ""))
+    return 0 if "chosen" in s else 1
 
 
 def cmd_cv(a) -> int:
@@ -471,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    def several_runs(sp, func):  # compare, curve: an output folder of runs, train's flags
+    def several_runs(sp, func):  # compare, curve, cv, tune: an output folder of runs, train's flags
         sp.add_argument("--out", required=True)
         sp.add_argument("--overwrite", action="store_true")
         add_train_flags(sp)
@@ -533,6 +565,19 @@ def build_parser() -> argparse.ArgumentParser:
     lc.add_argument("--sizes", help="training rows per run, e.g. 250,500,1000,all (default: all "
                     "the training rows and its halvings, 4 sizes)")
     several_runs(lc, cmd_curve)
+
+    tu = sub.add_parser("tune", help="choose hyperparameters (default: the learning rate) on "
+                        "the validation split: one run per combination, the same splits; only "
+                        "the chosen one's test metrics are reported")
+    tu.add_argument("--strategy", default="full", help="full | frozen | lora | adapter")
+    tu.add_argument("--grid", action="append", metavar="FLAG=V1,V2",
+                    help="a train flag and its values, e.g. lr=1e-4,5e-4 (repeat for more "
+                         "flags: every combination runs); default: --lr at 1/3, 1 and 3x the "
+                         "strategy's default")
+    tu.add_argument("--seeds", help="train each combination once per seed, e.g. 0,1,2: chosen "
+                    "by the mean validation macro-F1")
+    several_runs(tu, cmd_tune)
+    tu.set_defaults(grid_parser=tu)
 
     v = sub.add_parser("cv", help="k-fold cross-validation: every row scored once, out of "
                        "fold (small data sets; finds likely label errors)")

@@ -197,6 +197,15 @@ def paired_differences(rows: list[dict]) -> None:
             by_name[n]["accuracy_vs_best"]["within_seed_spread"] = True
 
 
+def _epochs(base: RunConfig) -> str:
+    if base.train.epochs is not None:
+        return str(base.train.epochs)
+    from .strategies import REGISTRY
+
+    own = [f"{n} {s.default_epochs}" for n, s in REGISTRY.items() if s.default_epochs != 3]
+    return "each strategy's default (" + ", ".join(own + ["the others 3"]) + ")"
+
+
 def table_cell(k: str, v, r: dict) -> str:
     """A markdown table cell: value ``v`` of column ``k`` in row ``r`` (compare, curve, cv)."""
     if v is None:
@@ -226,17 +235,17 @@ def write_outputs(out: Path, rows: list[dict], base: RunConfig,
     paired_differences(rows)
     (out / "compare.json").write_text(json.dumps(
         {"model": base.model.model, "data": base.data.data, "seed": base.train.seed,
-         "seeds": seeds, "split_seed": base.split_seed, "epochs": base.train.epochs,
+         "seeds": seeds, "split_seed": base.split_seed, "epochs": base.train.epochs or "strategy default",
          "max_length": base.data.max_length, "rows": rows}, indent=2) + "\n")
     columns = COLUMNS[:3] + [("accuracy_sd", "sd over seeds")] + COLUMNS[3:] if several \
         else COLUMNS
     if several:
         intro = (f"Same splits (split seed {base.split_seed}); each strategy trained with seeds "
                  f"{', '.join(map(str, seeds))}; accuracy, macro-F1 and times are means over "
-                 f"them (each run below the table); epochs {base.train.epochs}; metrics on the "
+                 f"them (each run below the table); epochs {_epochs(base)}; metrics on the "
                  f"held-out test split.")
     else:
-        intro = (f"Same splits and seed ({base.train.seed}); epochs {base.train.epochs}; metrics "
+        intro = (f"Same splits and seed ({base.train.seed}); epochs {_epochs(base)}; metrics "
                  f"on the held-out test split. Each run's folder is beside this file.")
     lines = [f"# textune compare: {base.model.model} on {base.data.data}", "", intro, "",
              "Brackets: 95% bootstrap intervals over the test rows. `vs best` pairs each "

@@ -83,7 +83,8 @@ class StrategyArgs:
 
 @dataclass
 class TrainArgs:
-    epochs: int = 3
+    epochs: int | None = None
+    """None: the strategy's default (3; frozen 20, its epochs being cheap)."""
     batch_size: int = 32
     """Rows per optimizer step; 0 = auto: the largest per-step batch that fits the device, with
     gradient accumulation keeping ``batch_size_target`` rows per optimizer step."""
@@ -142,7 +143,7 @@ class RunConfig:
     def validate(self) -> RunConfig:
         t, d = self.train, self.data
         checks = [
-            (t.epochs >= 1, "--epochs must be >= 1"),
+            (t.epochs is None or t.epochs >= 1, "--epochs must be >= 1"),
             (t.batch_size >= 0, "--batch-size must be >= 1 (or auto)"),
             (self.model.weights_dtype in ("auto", "fp32", "bf16"),
              "--weights-dtype: choose auto, fp32 or bf16"),
@@ -197,7 +198,18 @@ class RunConfig:
                 raise UserError(msg)
         if t.calibration == "auto":
             t.calibration = "threshold" if d.multi_label else "temperature"
+        t.epochs = self.epochs
         return self
+
+    @property
+    def epochs(self) -> int:
+        """--epochs, or the strategy's default."""
+        if self.train.epochs is not None:
+            return self.train.epochs
+        from .strategies import REGISTRY
+
+        s = REGISTRY.get(self.strategy.name)
+        return s.default_epochs if s else 3
 
     @property
     def split_seed(self) -> int:

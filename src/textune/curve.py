@@ -124,11 +124,11 @@ def write_outputs(out: Path, rows: list[dict], base: RunConfig, n_train: int) ->
     (out / "curve.json").write_text(json.dumps(
         {"model": base.model.model, "data": base.data.data, "strategy": base.strategy.name,
          "split_seed": base.split_seed, "training_rows_available": n_train,
-         "epochs": base.train.epochs, "rows": rows}, indent=2) + "\n")
+         "epochs": base.epochs, "rows": rows}, indent=2) + "\n")
     lines = [f"# textune curve: {base.strategy.name} {base.model.model} on {base.data.data}", "",
              f"The same validation and test rows for every size (split seed {base.split_seed}); "
              f"each size a stratified sample of the {n_train:,} training rows; epochs "
-             f"{base.train.epochs}. Brackets: 95% bootstrap intervals over the test rows; the "
+             f"{base.epochs}. Brackets: 95% bootstrap intervals over the test rows; the "
              f"gain pairs each run with the one before it on the same rows.", "",
              "| training rows | accuracy [95% CI] | macro-F1 | gain over the previous size | "
              "train s | status |", "|---|---|---|---|---|---|"]

@@ -60,7 +60,7 @@ def pool(runs: list[dict], out: Path, base: RunConfig, folds: int) -> dict:
     ok = [r for r in runs if r["status"] == "ok"]
     summary: dict = {"model": base.model.model, "data": base.data.data,
                      "strategy": base.strategy.name, "folds": folds,
-                     "split_seed": base.split_seed, "epochs": base.train.epochs,
+                     "split_seed": base.split_seed, "epochs": base.epochs,
                      "multi_label": base.data.multi_label, "runs": runs}
     if not ok:
         return summary

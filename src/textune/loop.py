@@ -49,6 +49,8 @@ class FeatureData:
 
     features: torch.Tensor
     labels: np.ndarray | None
+    from_cache: int = 0
+    """Rows whose features were read from the cache of earlier runs (featcache)."""
     lengths = None
 
     def __len__(self) -> int:

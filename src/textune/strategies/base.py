@@ -19,6 +19,7 @@ class Strategy:
     name: str = "base"
     default_lr: float = 5e-5
     default_lr_decoder: float | None = None  # where decoders want another default
+    default_epochs: int = 3
     #: train the head on backbone features computed once (no backbone in the loop)
     precompute_features: bool = False
 
