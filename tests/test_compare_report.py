@@ -63,6 +63,13 @@ def test_compare_over_seeds_shares_the_splits(tiny_bert, toy_csv, tmp_path, caps
     assert sorted(str(r["accuracy_vs_best"]) == "best" for r in doc["rows"]) == [False, True]
     md = (out / "compare.md").read_text()
     assert "sd over seeds" in md and "| full | 4 |" in md and "full/seed-4" in md
+    # the second frozen seed read every row's features from the first one's
+    frozen = next(r for r in doc["rows"] if r["strategy"] == "frozen")
+    assert [x["features_from_cache"] for x in frozen["runs"]][0] == 0
+    assert frozen["runs"][1]["features_from_cache"] == len(preds["frozen", 4]) + sum(
+        json.loads((Path(frozen["runs"][1]["run"]) / "metrics.json").read_text())["splits"][k]
+        for k in ("train", "val"))
+    assert "frozen: backbone features of some rows were read from the cache" in md
 
 
 def test_every_run_has_a_report_with_embedded_plots(tiny_bert, toy_csv, tmp_path, capsys):

@@ -93,9 +93,29 @@ def test_choice_ignores_the_test_split_and_says_when_the_grid_is_too_narrow():
     assert 0.03 < s["noise"] < 0.035  # 1.96 * sqrt(0.84 * 0.16 / 500)
     assert s["hints"] == []  # inside the grid, best before the last epoch
     rows = [_row(1e-4, 0.70, 0.7), _row(3e-4, 0.80, 0.8), _row(1e-3, 0.84, 0.8, epoch=5)]
-    said = hints(rows, rows[2], rows[2]["runs"][0])
+    said = hints(rows, rows[2], rows[2]["runs"][0], noise=0.03)
     assert "largest value tried" in said[0] and "best at its last epoch (5)" in said[1]
+    # all within the noise: the edge says nothing, the choice hardly matters
+    close = [_row(1e-4, 0.80, 0.7), _row(3e-4, 0.805, 0.8), _row(1e-3, 0.81, 0.8)]
+    said = hints(close, close[2], close[2]["runs"][0], noise=0.03)
+    assert len(said) == 1 and "hardly matter" in said[0]
     # failed runs (no validation score) are never chosen; all failed: nothing is
     rows[2]["val_macro_f1"] = None
     assert choose(rows, 500)["chosen"] == "lr-0.0003"
     assert "chosen" not in choose([dict(rows[2])], 500)
+
+
+def test_default_grid_is_the_learning_rate_around_the_strategy_default(tiny_bert, tiny_llama):
+    from textune.config import RunConfig
+    from textune.tune import default_lr_grid
+
+    def lrs(model, strategy, lr=None):
+        cfg = RunConfig.from_options(data="x.csv", model=str(model), strategy=strategy, lr=lr)
+        [(flag, _, values)] = default_lr_grid(cfg)
+        assert flag == "--lr"
+        return [v for _, v in values]
+
+    assert lrs(tiny_bert, "full") == [1.7e-5, 5e-5, 1.5e-4]
+    assert lrs(tiny_bert, "lora") == [1.7e-4, 5e-4, 1.5e-3]
+    assert lrs(tiny_llama, "lora") == [3.3e-4, 1e-3, 3e-3]  # decoders' LoRA default
+    assert lrs(tiny_llama, "lora", lr=1e-4) == [3.3e-5, 1e-4, 3e-4]  # around --lr

@@ -572,8 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--strategy", default="full", help="full | frozen | lora | adapter")
     tu.add_argument("--grid", action="append", metavar="FLAG=V1,V2",
                     help="a train flag and its values, e.g. lr=1e-4,5e-4 (repeat for more "
-                         "flags: every combination runs); default: --lr at 1/3, 1 and 3x the "
-                         "strategy's default")
+                         "flags: every combination runs); default: the learning rate at 1/3, 1 "
+                         "and 3x --lr or the strategy's default")
     tu.add_argument("--seeds", help="train each combination once per seed, e.g. 0,1,2: chosen "
                     "by the mean validation macro-F1")
     several_runs(tu, cmd_tune)

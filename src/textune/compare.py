@@ -18,7 +18,8 @@ COLUMNS = [("strategy", "strategy"), ("accuracy", "accuracy [95% CI]"), ("macro_
            ("peak_memory_mb", "peak MB"), ("trainable_params", "trainable params"),
            ("saved_bytes", "saved size")]
 
-METRICS = [k for k, _ in COLUMNS[1:] if k != "accuracy_vs_best"] + ["accuracy_ci95"]
+METRICS = [k for k, _ in COLUMNS[1:] if k != "accuracy_vs_best"] + ["accuracy_ci95",
+                                                                     "features_from_cache"]
 
 # prompting baselines (no training): zero-shot, and 4 demonstrations per class
 PROMPTS = {"prompt": 0, "prompt-fewshot": 4}
@@ -271,6 +272,12 @@ def write_outputs(out: Path, rows: list[dict], base: RunConfig,
                              + " | ".join(table_cell(k, x.get(k), {}) for k in
                                           ("accuracy", "macro_f1", "train_seconds"))
                              + f" | {Path(x['run']).relative_to(out)} | {x['status']} |")
+    cached = sorted({r["strategy"] for r in rows for x in r.get("runs", [r])
+                     if x.get("features_from_cache")})
+    if cached:
+        lines += ["", f"{', '.join(cached)}: backbone features of some rows were read from the "
+                  "cache of earlier runs, so `train s` leaves out computing them "
+                  "(TEXTUNE_FEATURE_CACHE=0 times them whole)."]
     (out / "compare.md").write_text("\n".join(lines) + "\n")
     plot_compare(out / "compare.png", rows)
 

@@ -82,13 +82,13 @@ def parse_grid(specs: list[str], parser: argparse.ArgumentParser) -> list[tuple[
 
 
 def default_lr_grid(base: RunConfig) -> list[tuple[str, str, list]]:
-    """The learning rate at 1/3, 1 and 3 times the strategy's default (its decoder default for
-    a causal LM): the hyperparameter that matters most, and the one defaults miss most."""
+    """The learning rate at 1/3, 1 and 3 times ``--lr``, or the strategy's default (its decoder
+    default for a causal LM): the hyperparameter that matters most, and that defaults miss most."""
     from .strategies import get_strategy
 
     strategy = get_strategy(base.strategy.name)
-    default = strategy.default_lr
-    if strategy.default_lr_decoder:
+    default = base.train.lr or strategy.default_lr
+    if strategy.default_lr_decoder and not base.train.lr:
         from transformers import AutoConfig
 
         from .modeling import is_decoder, resolve_model
@@ -178,21 +178,27 @@ def choose(rows: list[dict], n_val: int) -> dict:
     run = max((x for x in best["runs"] if x.get("best_val_macro_f1") is not None),
               key=lambda x: x["best_val_macro_f1"])
     p = min(max(best["val_macro_f1"], 0.0), 1.0)
+    noise = round(1.96 * math.sqrt(max(p * (1 - p), 1e-4) / max(n_val, 1)), 4)
     summary.update({"chosen": best["name"], "chosen_settings": best["settings"],
-                    "chosen_run": run["run"],
-                    "noise": round(1.96 * math.sqrt(max(p * (1 - p), 1e-4) / max(n_val, 1)), 4),
+                    "chosen_run": run["run"], "noise": noise,
                     "test": {k: run.get(k) for k in ("accuracy", "accuracy_ci95", "macro_f1")},
-                    "hints": hints(rows, best, run)})
+                    "hints": hints(scored, best, run, noise)})
     for r in rows:
         r["chosen"] = r is best
     return summary
 
 
-def hints(rows: list[dict], best: dict, run: dict) -> list[str]:
-    """Signs that the grid did not reach the best setting: the chosen value of a numeric flag
-    is the smallest or largest of 3+ tried, or the chosen run was best at its last epoch."""
+def hints(rows: list[dict], best: dict, run: dict, noise: float) -> list[str]:
+    """What the scores say about the grid: all within ``noise`` of each other (the choice hardly
+    matters); or signs it did not reach the best setting: the chosen value of a numeric flag is
+    the smallest or largest of 3+ tried, the chosen run was best at its last epoch."""
     out = []
-    for flag, v in best["values"].items():
+    spread = best["val_macro_f1"] - min(r["val_macro_f1"] for r in rows)
+    if len(rows) > 1 and spread < noise:
+        out.append(f"Every combination scored within {100 * spread:.1f} points of the chosen "
+                   f"one, less than the validation split can tell: these settings hardly "
+                   f"matter here, and any of them will do about as well.")
+    for flag, v in best["values"].items() if spread >= noise else ():
         tried = sorted({r["values"][flag] for r in rows})
         if len(tried) < 3 or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
                                      for x in tried):
