@@ -312,3 +312,56 @@ def test_bad_flag_values(capsys, tmp_path, toy_csv, flag, value):
     code, _, err = run_cli(capsys, "train", "--data", str(toy_csv), "--out", str(tmp_path / "o"),
                            flag, value)
     assert code == 2 and flag in one_line_error(err)
+
+
+def test_predict_uncertain_picks_the_rows_the_run_is_least_sure_of(capsys, tmp_path, tiny_bert,
+                                                                    toy_csv):
+    import numpy as np
+    import pandas as pd
+
+    import textune
+
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--model", str(tiny_bert), "--data", str(toy_csv),
+                           "--lr", "1e-3", "--epochs", "2", "--out", str(out), "--quiet")
+    assert code == 0, err
+    pool = pd.read_csv(toy_csv).head(200)
+    texts = pool["text"].tolist()
+    texts[5] = texts[7]  # a repeated text is offered once
+    pool["text"] = texts
+    pool.insert(0, "id", range(1000, 1200))
+    pool.to_csv(tmp_path / "pool.csv", index=False)
+    dest = tmp_path / "next.csv"
+    code, _, err = run_cli(capsys, "predict", str(out), "--input", str(tmp_path / "pool.csv"),
+                           "--uncertain", "20", "--output", str(dest), "--quiet")
+    assert code == 0, err
+    got = pd.read_csv(dest)
+    assert list(got.columns) == ["row", "id", "text", "label", "predicted_label", "p_neg",
+                                 "p_pos", "uncertainty"]
+    assert len(got) == 20 and got["text"].is_unique
+    assert (got["id"] == got["row"] + 1000).all()  # row: where it was in the input
+    # the 20 smallest margins between the two classes, most unsure first
+    clf = textune.load(out)
+    p = clf.predict_proba(texts)
+    unsure = 1 - np.abs(p[:, 0] - p[:, 1])
+    assert np.allclose(got["uncertainty"], unsure[got["row"]], atol=1e-5)
+    assert got["uncertainty"].is_monotonic_decreasing
+    first_of = {t: i for i, t in reversed(list(enumerate(texts)))}
+    rest = [i for i in range(200) if i not in set(got["row"]) and first_of[texts[i]] == i]
+    assert unsure[rest].max() <= got["uncertainty"].min() + 1e-6
+    code, _, err = run_cli(capsys, "predict", str(out), "--input", str(tmp_path / "pool.csv"),
+                           "--uncertain", "0")
+    assert code == 2 and "--uncertain 0" in one_line_error(err)
+
+
+def test_multilabel_uncertainty_is_the_distance_to_the_nearest_threshold():
+    import numpy as np
+
+    from textune.classifier import Classifier
+
+    clf = Classifier.__new__(Classifier)
+    clf.multi_label, clf.thresholds = True, np.array([0.4, 0.5])
+    u = clf.uncertainty(np.array([[0.4, 0.9], [0.7, 0.1], [1.0, 0.0]]))
+    # row 0: tag a sits on its threshold; row 1: a is halfway up its room (0.3 of 0.6), b
+    # 0.4 of 0.5 below; row 2: both as sure as can be
+    assert np.allclose(u, [1.0, 0.5, 0.0])

@@ -159,6 +159,20 @@ class Classifier:
                     for row in probs >= self.thresholds]
         return [self.labels[i] for i in probs.argmax(-1)]
 
+    def uncertainty(self, probs: np.ndarray) -> np.ndarray:
+        """How unsure each row's decision is, in [0, 1] (1: a coin toss): one minus the margin
+        between the two most probable classes; multi-label: one minus the distance of the tag
+        nearest its threshold, as a share of the room on that side. The rows worth labelling
+        next (uncertainty sampling)."""
+        if self.multi_label:
+            t = np.broadcast_to(self.thresholds, probs.shape)
+            room = np.where(probs >= t, 1 - t, t)
+            return 1 - (np.abs(probs - t) / np.maximum(room, 1e-9)).min(1)
+        if probs.shape[1] < 2:
+            return np.zeros(len(probs))
+        top2 = np.sort(probs, axis=1)[:, -2:]
+        return 1 - (top2[:, 1] - top2[:, 0])
+
     def predict(self, texts: list[str], pairs: list[str] | None = None,
                 batch_size: int = 64) -> list[str] | list[list[str]]:
         """The label of each text; multi-label: the list of each text's tags."""

@@ -242,6 +242,8 @@ def cmd_predict(a) -> int:
 
     if a.output and Path(a.output).exists() and not a.overwrite:
         raise UserError(f"--output {a.output}: exists; choose a new file or pass --overwrite")
+    if a.uncertain is not None and a.uncertain < 1:
+        raise UserError(f"--uncertain {a.uncertain}: give how many rows to pick, 1 or more")
     if a.output:
         check_writable(a.output)
     clf = load(a.run)
@@ -272,14 +274,44 @@ def cmd_predict(a) -> int:
         col = pd.Series([float("nan")] * len(df))
         col.iloc[keep] = probs[:, j].astype(np.float64).round(6)
         out[f"p_{n}"] = col.values
+    what = "predictions"
+    if a.uncertain is not None:
+        out, what = most_uncertain(out, clf.uncertainty(probs), keep, texts, pairs,
+                                   a.uncertain), \
+            f"of the rows the run is least sure of (from {len(keep):,})"
     if a.output:
         write_frame(out, a.output)
-        print(f"{len(keep)} predictions -> {a.output}", file=sys.stderr)
+        print(f"{len(out) if a.uncertain is not None else len(keep)} {what} -> {a.output}",
+              file=sys.stderr)
     elif a.jsonl:
         out.to_json(sys.stdout, orient="records", lines=True, force_ascii=False)
     else:
         out.to_csv(sys.stdout, index=False)
     return 0
+
+
+def most_uncertain(out, unsure, keep: list[int], texts: list[str], pairs: list[str] | None,
+                   n: int):
+    """``predict --uncertain N``: the N rows of ``out`` whose prediction is least sure, most
+    unsure first, with their ``uncertainty`` and input ``row`` (0-based, for merging the labels
+    back); a text (or text pair) repeated in the input is offered once."""
+    import numpy as np
+
+    order = np.argsort(-unsure, kind="stable")
+    seen, picked = set(), []
+    for i in order:
+        key = (texts[i], pairs[i] if pairs else None)
+        if key in seen:
+            continue
+        seen.add(key)
+        picked.append(i)
+        if len(picked) == n:
+            break
+    rows = [keep[i] for i in picked]
+    sel = out.iloc[rows].copy()
+    sel.insert(0, "row", rows)
+    sel["uncertainty"] = np.round(unsure[picked].astype(np.float64), 6)
+    return sel.reset_index(drop=True)
 
 
 def _seeds(a) -> list[int] | None:
@@ -548,6 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--text-col")
     r.add_argument("--text-pair-col", help="(default: the run's, for a model trained on pairs)")
     r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--uncertain", type=int, metavar="N",
+                   help="only the N rows the run is least sure of, most unsure first, with an "
+                        "uncertainty column and the input row: the rows worth labelling next")
     r.add_argument("--overwrite", action="store_true")
     common(r)
     r.set_defaults(func=cmd_predict)
