@@ -379,3 +379,27 @@ def test_fit_defaults_are_the_cli_defaults():
     a = build_parser().parse_args(["train", "--data", "x", "--out", "o"])
     assert config_from_args(a, a.strategy).to_dict() == \
         RunConfig.from_options(data="x", out="o").to_dict()
+
+
+def test_reloading_a_full_run_is_quiet(tiny_bert, toy_csv, tmp_path, capfd):
+    """A saved backbone has no pooler (textune pools itself): transformers would report it
+    MISSING and advise training, to a user who just did."""
+    from transformers import AutoModel
+    from transformers.utils import logging as tl
+
+    train(config(tiny_bert, toy_csv, tmp_path / "r", "full", epochs=1), progress=False)
+    tl.set_verbosity_warning()
+    tl.enable_progress_bar()  # (as a Python user has them; the CLI turns both off)
+    try:
+        capfd.readouterr()
+        AutoModel.from_pretrained(str(tmp_path / "r" / "backbone"))
+        out, err = capfd.readouterr()
+        assert "Loading weights" in out + err  # what a plain reload prints (this tiny
+        # backbone has no pooler to report MISSING; minilm-l6's does)
+        textune.load(tmp_path / "r")
+        out, err = capfd.readouterr()
+        assert "MISSING" not in out + err and "Loading weights" not in out + err
+        assert tl.get_verbosity() == tl.WARNING and tl.is_progress_bar_enabled()  # restored
+    finally:
+        tl.set_verbosity_error()
+        tl.disable_progress_bar()

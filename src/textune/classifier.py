@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -13,7 +14,14 @@ from .data import Encoded, Table, encode
 from .errors import UserError
 from .loop import predict_logits
 from .metrics import classification_metrics, sigmoid, softmax
-from .modeling import TextClassifier, load_backbone, load_tokenizer, resolve_model, set_dropout
+from .modeling import (
+    TextClassifier,
+    load_backbone,
+    load_tokenizer,
+    quiet_transformers,
+    resolve_model,
+    set_dropout,
+)
 from .strategies import get_strategy
 
 
@@ -207,7 +215,8 @@ def load(run_dir: str | Path, device: str | None = None) -> Classifier:
     labels = json.loads((run / "labels.json").read_text(encoding="utf-8"))
     strategy = get_strategy(cfg.strategy.name, **cfg.strategy.options())
     saved = strategy.saved_backbone(run)
-    model = build_model(cfg, len(labels), str(saved) if saved else None)
+    with quiet_transformers() if saved else contextlib.nullcontext():
+        model = build_model(cfg, len(labels), str(saved) if saved else None)
     try:
         model = strategy.load(model, run)
     except FileNotFoundError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from pathlib import Path
@@ -153,6 +154,23 @@ def is_decoder(config) -> bool:
 
     t = type(config)
     return t in MODEL_FOR_CAUSAL_LM_MAPPING and t not in MODEL_FOR_MASKED_LM_MAPPING
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' load report and progress bars off, restored after: reloading a backbone
+    textune saved, whose pooler is left out by design (its MISSING report would only alarm)."""
+    from transformers.utils import logging as tl
+
+    level, bars = tl.get_verbosity(), tl.is_progress_bar_enabled()
+    tl.set_verbosity_error()
+    tl.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tl.set_verbosity(level)
+        if bars:
+            tl.enable_progress_bar()
 
 
 def load_backbone(src: str, dtype: torch.dtype | None = None, load_in_4bit: bool = False,
