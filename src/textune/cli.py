@@ -274,15 +274,13 @@ def cmd_predict(a) -> int:
         col = pd.Series([float("nan")] * len(df))
         col.iloc[keep] = probs[:, j].astype(np.float64).round(6)
         out[f"p_{n}"] = col.values
-    what = "predictions"
     if a.uncertain is not None:
-        out, what = most_uncertain(out, clf.uncertainty(probs), keep, texts, pairs,
-                                   a.uncertain), \
-            f"of the rows the run is least sure of (from {len(keep):,})"
+        out = most_uncertain(out, clf.uncertainty(probs), keep, texts, pairs, a.uncertain)
     if a.output:
         write_frame(out, a.output)
-        print(f"{len(out) if a.uncertain is not None else len(keep)} {what} -> {a.output}",
-              file=sys.stderr)
+        what = f"{len(keep)} predictions" if a.uncertain is None else \
+            f"the {len(out)} of {len(keep):,} rows the run is least sure of"
+        print(f"{what} -> {a.output}", file=sys.stderr)
     elif a.jsonl:
         out.to_json(sys.stdout, orient="records", lines=True, force_ascii=False)
     else:
@@ -370,11 +368,12 @@ def cmd_tune(a) -> int:
         return config_from_args(ns, a.strategy)
 
     combos = combinations(base, grid, apply)
-    if len(combos) * max(len(_seeds(a) or [0]), 1) > 24:
+    seeds = _seeds(a) or [a.seed]
+    if len(combos) * len(seeds) > 24:
         log.warning("tune: %d combinations x %d seeds = %d training runs", len(combos),
-                    len(_seeds(a) or [0]), len(combos) * len(_seeds(a) or [0]))
+                    len(seeds), len(combos) * len(seeds))
     out = prepare_out_dir(a.out, a.overwrite)
-    s = run_tune(base, combos, out, seeds=_seeds(a), progress=not a.quiet)
+    s = run_tune(base, combos, out, seeds=seeds, progress=not a.quiet)
     print((out / "tune.md").read_text())
     print(f"table: {out / 'tune.md'}  chart: {out / 'tune.png'}"
           + (f"  chosen run: {out / 'best'}" if "chosen" in s else ""))
