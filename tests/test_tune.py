@@ -8,7 +8,7 @@ import pytest
 
 from textune.cli import build_parser, main
 from textune.errors import UserError
-from textune.tune import choose, hints, parse_grid
+from textune.tuning import choose, hints, parse_grid
 
 
 def _tune_parser():
@@ -107,7 +107,7 @@ def test_choice_ignores_the_test_split_and_says_when_the_grid_is_too_narrow():
 
 def test_default_grid_is_the_learning_rate_around_the_strategy_default(tiny_bert, tiny_llama):
     from textune.config import RunConfig
-    from textune.tune import default_lr_grid
+    from textune.tuning import default_lr_grid
 
     def lrs(model, strategy, lr=None):
         cfg = RunConfig.from_options(data="x.csv", model=str(model), strategy=strategy, lr=lr)
@@ -119,3 +119,20 @@ def test_default_grid_is_the_learning_rate_around_the_strategy_default(tiny_bert
     assert lrs(tiny_bert, "lora") == [1.7e-4, 5e-4, 1.5e-3]
     assert lrs(tiny_llama, "lora") == [3.3e-4, 1e-3, 3e-3]  # decoders' LoRA default
     assert lrs(tiny_llama, "lora", lr=1e-4) == [3.3e-5, 1e-4, 3e-4]  # around --lr
+
+
+def test_tune_from_python_returns_the_chosen_classifier(tiny_bert, toy_csv, tmp_path):
+    import textune
+
+    clf = textune.tune(toy_csv, tmp_path / "t", model=str(tiny_bert), strategy="full",
+                       grid={"lr": [1e-6, 1e-3]}, epochs=2, progress=False)
+    doc = json.loads((tmp_path / "t" / "tune.json").read_text())
+    assert doc["chosen"] == "lr-0.001" and clf.config.train.lr == 1e-3
+    assert clf.metrics["accuracy"] == doc["test"]["accuracy"]
+    assert clf.predict(["good film", "awful plot"]) == textune.load(tmp_path / "t" / "best") \
+        .predict(["good film", "awful plot"])
+    with pytest.raises(UserError, match="--seeds"):
+        textune.tune(toy_csv, tmp_path / "u", model=str(tiny_bert), grid={"seed": [1, 2]})
+    with pytest.raises(UserError, match="not a textune option"):
+        textune.tune(toy_csv, tmp_path / "v", model=str(tiny_bert), grid={"colour": ["red"]})
+    assert not (tmp_path / "u").exists() and not (tmp_path / "v").exists()

@@ -12,6 +12,10 @@ def __getattr__(name):  # lazy: `import textune` stays fast, the CLI's --help to
         from . import classifier
 
         return getattr(classifier, name)
+    if name == "tune":
+        from .tuning import tune
+
+        return tune
     if name == "RunConfig":
         from .config import RunConfig
 
@@ -19,4 +23,4 @@ def __getattr__(name):  # lazy: `import textune` stays fast, the CLI's --help to
     raise AttributeError(name)
 
 
-__all__ = ["fit", "train", "evaluate_run", "load", "Classifier", "RunConfig", "__version__"]
+__all__ = ["fit", "tune", "train", "evaluate_run", "load", "Classifier", "RunConfig", "__version__"]

@@ -356,7 +356,7 @@ def cmd_tune(a) -> int:
     import copy
 
     from .api import prepare_out_dir
-    from .tune import combinations, default_lr_grid, parse_grid, run_tune
+    from .tuning import combinations, default_lr_grid, parse_grid, run_tune
 
     base = config_from_args(a, a.strategy).validate()
     grid = parse_grid(a.grid or [], a.grid_parser) if a.grid else default_lr_grid(base)

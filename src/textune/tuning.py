@@ -114,6 +114,34 @@ def combinations(base: RunConfig, grid: list[tuple[str, str, list]], apply) -> l
     return out
 
 
+def tune(data, out, *, grid: dict[str, list] | None = None, seeds: list[int] | None = None,
+         overwrite: bool = False, progress: bool = True, **options):
+    """``textune tune`` from Python: train every combination of ``grid``'s values (option names
+    as in ``fit``: ``{"lr": [1e-4, 5e-4], "head": ["linear", "mlp"]}``; default: the learning
+    rate at 1/3, 1 and 3 times its default) on the same splits, choose on the validation
+    split, and return the chosen run's classifier (its test metrics in ``.metrics``; the table
+    in ``out``/tune.md)."""
+    from .api import prepare_out_dir
+    from .classifier import load
+
+    base = RunConfig.from_options(data=data, out=out, **options).validate()
+    if grid:
+        for name in grid:
+            if name in NOT_IN_GRID:
+                raise UserError(f"grid: {name} cannot be tuned: {NOT_IN_GRID[name]}")
+        specs = [(f"--{n.replace('_', '-')}", n, [(str(v), v) for v in dict.fromkeys(vals)])
+                 for n, vals in grid.items()]
+    else:
+        specs = default_lr_grid(base)
+    combos = combinations(base, specs, lambda values: RunConfig.from_options(
+        data=data, out=out, **{**options, **values}))
+    root = prepare_out_dir(out, overwrite)
+    summary = run_tune(base, combos, root, seeds=seeds, progress=progress)
+    if "chosen" not in summary:
+        raise RuntimeError(f"tune: no run finished; see {root / 'tune.md'}")
+    return load(summary["chosen_run"])
+
+
 def run_tune(base: RunConfig, combos: list[dict], out: Path, *, seeds: list[int] | None = None,
              progress: bool = True) -> dict:
     """Train every combination (once per seed) on the same splits; choose on validation;
