@@ -95,6 +95,10 @@ def default_lr_grid(base: RunConfig) -> list[tuple[str, str, list]]:
 
         if is_decoder(AutoConfig.from_pretrained(resolve_model(base.model.model))):
             default = strategy.default_lr_decoder
+    if base.train.batch_tokens and not base.train.lr:
+        log.warning("--batch-tokens: train scales the default learning rate by sqrt(rows per "
+                    "step / --batch-size), tune's grid does not; give --lr to centre the grid "
+                    "where you want it")
     values = [float(f"{default * k:.2g}") for k in (1 / 3, 1, 3)]
     return [("--lr", "lr", [(f"{v:g}", v) for v in values])]
 
