@@ -136,3 +136,18 @@ def test_tune_from_python_returns_the_chosen_classifier(tiny_bert, toy_csv, tmp_
     with pytest.raises(UserError, match="not a textune option"):
         textune.tune(toy_csv, tmp_path / "v", model=str(tiny_bert), grid={"colour": ["red"]})
     assert not (tmp_path / "u").exists() and not (tmp_path / "v").exists()
+
+
+def test_a_failed_combination_is_reported_and_never_chosen(tiny_bert, toy_csv, tmp_path, capsys):
+    out = tmp_path / "t"
+    code = main(["tune", "--model", str(tiny_bert), "--data", str(toy_csv), "--strategy", "lora",
+                 "--grid", "lora-targets=no_such_module;query,value", "--epochs", "1",
+                 "--out", str(out), "--quiet"])
+    assert code == 0
+    doc = json.loads((out / "tune.json").read_text())
+    bad, good = doc["rows"]
+    assert bad["status"].startswith("failed") and "no_such_module" in bad["status"]
+    assert bad["val_macro_f1"] is None and good["status"] == "ok"
+    assert doc["chosen"] == good["name"] == "lora-targets-query-value"
+    md = (out / "tune.md").read_text()
+    assert "| no_such_module | - |" in md and "failed" in md
