@@ -253,7 +253,7 @@ def write_outputs(out: Path, summary: dict, base: RunConfig, seeds: list[int]) -
     (out / "tune.json").write_text(json.dumps(
         {"model": base.model.model, "data": base.data.data, "strategy": base.strategy.name,
          "split_seed": base.split_seed, "seeds": seeds, "selected_by": "validation macro-F1",
-         **summary}, indent=2) + "\n")
+         **summary}, indent=2, default=str) + "\n")
     flags = list(rows[0]["settings"]) if rows else []
     lines = [f"# textune tune: {base.strategy.name} {base.model.model} on {base.data.data}", "",
              f"Every combination trained on the same splits (split seed {base.split_seed}"
