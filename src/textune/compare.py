@@ -258,6 +258,8 @@ def write_outputs(out: Path, rows: list[dict], base: RunConfig,
                        if several else ""),
              *(["", "Multi-label: accuracy is exact match (every tag of a row right); "
                 "macro-F1 averages the tags' F1."] if base.data.multi_label else []),
+             *(["", "Each strategy ran at its default learning rate; `textune tune --strategy "
+                "S` chooses one on the validation split."] if base.train.lr is None else []),
              "", "| " + " | ".join(h for _, h in columns) + " | status |",
              "|" + "---|" * (len(columns) + 1)]
     for r in rows:
