@@ -365,3 +365,39 @@ def test_multilabel_uncertainty_is_the_distance_to_the_nearest_threshold():
     # row 0: tag a sits on its threshold; row 1: a is halfway up its room (0.3 of 0.6), b
     # 0.4 of 0.5 below; row 2: both as sure as can be
     assert np.allclose(u, [1.0, 0.5, 0.0])
+
+
+def test_predict_min_confidence_leaves_unsure_rows_unlabelled(capsys, tmp_path, tiny_bert,
+                                                              toy_csv):
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    import textune
+
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--model", str(tiny_bert), "--data", str(toy_csv),
+                           "--lr", "1e-3", "--epochs", "1", "--out", str(out), "--quiet")
+    assert code == 0, err
+    m = json.loads((out / "metrics.json").read_text())
+    levels = {r["min_confidence"]: r for r in m["by_confidence"]}
+    assert levels[0.0]["coverage"] == 1.0 and levels[0.0]["accuracy"] == round(m["accuracy"], 4)
+    assert "Accuracy by confidence" in (out / "report.html").read_text()
+    pool = pd.read_csv(toy_csv).head(100)
+    pool.to_csv(tmp_path / "pool.csv", index=False)
+    p = textune.load(out).predict_proba(pool["text"].tolist())
+    level = float(np.quantile(p.max(1), 0.3))  # about 30% of the rows fall under it
+    dest = tmp_path / "p.csv"
+    code, _, err = run_cli(capsys, "predict", str(out), "--input", str(tmp_path / "pool.csv"),
+                           "--min-confidence", f"{level:.6f}", "--output", str(dest), "--quiet")
+    assert code == 0, err
+    got = pd.read_csv(dest)
+    unsure = p.max(1) < round(level, 6)
+    assert got["predicted_label"].isna().tolist() == unsure.tolist() and 0 < unsure.sum() < 100
+    assert got["p_pos"].notna().all()  # probabilities kept for every row
+    assert f"{unsure.sum()} of 100 rows under confidence" in err
+    for bad in ("0", "1.5"):
+        code, _, err = run_cli(capsys, "predict", str(out), "--input", str(tmp_path / "pool.csv"),
+                               "--min-confidence", bad)
+        assert code == 2 and "--min-confidence" in one_line_error(err)

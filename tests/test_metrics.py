@@ -89,3 +89,17 @@ def test_temperature_scaling_recovers_the_scale_and_calibrates():
         assert np.isclose(t, scale, rtol=0.1)
         assert calibration_error(y, softmax(logits * scale / t)) < 0.03 < \
             calibration_error(y, softmax(logits * scale))
+
+
+def test_confidence_table_is_accuracy_on_the_rows_kept():
+    from textune.metrics import confidence_table
+
+    y = np.array([0, 1, 1, 0])
+    probs = np.array([[0.9, 0.1], [0.4, 0.6], [0.8, 0.2], [0.55, 0.45]])  # row 2 is wrong
+    table = {r["min_confidence"]: r for r in confidence_table(y, probs, (0.0, 0.6, 0.8, 0.9,
+                                                                         0.95))}
+    assert (table[0.0]["coverage"], table[0.0]["accuracy"]) == (1.0, 0.75)
+    assert (table[0.6]["rows"], table[0.6]["accuracy"]) == (3, round(2 / 3, 4))
+    assert (table[0.8]["coverage"], table[0.8]["accuracy"]) == (0.5, 0.5)
+    assert (table[0.9]["rows"], table[0.9]["accuracy"]) == (1, 1.0)
+    assert table[0.95]["rows"] == 0 and table[0.95]["accuracy"] is None

@@ -244,9 +244,15 @@ def cmd_predict(a) -> int:
         raise UserError(f"--output {a.output}: exists; choose a new file or pass --overwrite")
     if a.uncertain is not None and a.uncertain < 1:
         raise UserError(f"--uncertain {a.uncertain}: give how many rows to pick, 1 or more")
+    if a.min_confidence is not None and not 0 < a.min_confidence <= 1:
+        raise UserError(f"--min-confidence {a.min_confidence}: give a probability in (0, 1], "
+                        f"e.g. 0.9 (the run's report.html shows the accuracy at each level)")
     if a.output:
         check_writable(a.output)
     clf = load(a.run)
+    if a.min_confidence is not None and clf.multi_label:
+        raise UserError("--min-confidence: this run is multi-label, where each tag has its own "
+                        "threshold; use --uncertain N to find the rows to check")
     pair_col = a.text_pair_col or clf.config.data.text_pair_col
     if a.input == "-":
         if pair_col:
@@ -268,6 +274,11 @@ def cmd_predict(a) -> int:
     chosen = clf.decide(probs)
     if clf.multi_label:  # one cell of tags, joined as in the training file
         chosen = [(clf.config.data.label_sep or TAG_JOIN).join(tags) for tags in chosen]
+    if a.min_confidence is not None:  # below it: no label, for a person to decide
+        unsure = probs.max(1) < a.min_confidence
+        chosen = [None if u else c for c, u in zip(chosen, unsure)]
+        print(f"{int(unsure.sum()):,} of {len(chosen):,} rows under confidence "
+              f"{a.min_confidence:g}: left unlabelled", file=sys.stderr)
     pred.iloc[keep] = chosen
     out[name] = pred.values
     for j, n in enumerate(clf.labels):
@@ -579,6 +590,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--text-col")
     r.add_argument("--text-pair-col", help="(default: the run's, for a model trained on pairs)")
     r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--min-confidence", type=float, metavar="P",
+                   help="label only rows whose top probability is at least P; the others get "
+                        "an empty label (their probabilities kept). report.html's 'Accuracy by "
+                        "confidence' shows what each P keeps and how right it is")
     r.add_argument("--uncertain", type=int, metavar="N",
                    help="only the N rows the run is least sure of, most unsure first, with an "
                         "uncertainty column and the input row: the rows worth labelling next")

@@ -39,8 +39,30 @@ def classification_metrics(y_true: np.ndarray, logits: np.ndarray, names: list[s
         out["macro_f1_ci95"] = interval(f1[0])
         out["bootstrap_resamples"] = RESAMPLES
         if probabilities:
-            out["ece"] = round(calibration_error(y_true, softmax(logits)), 4)
+            probs = softmax(logits)
+            out["ece"] = round(calibration_error(y_true, probs), 4)
+            out["by_confidence"] = confidence_table(y_true, probs)
     return out
+
+
+CONFIDENCE_LEVELS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+
+
+def confidence_table(y_true: np.ndarray, probs: np.ndarray,
+                     levels: tuple[float, ...] = CONFIDENCE_LEVELS) -> list[dict]:
+    """Accuracy on the rows whose top probability is at least each level, and the share of rows
+    that is (coverage): what ``predict --min-confidence`` keeps, and how often it is right. The
+    rest would go to a person."""
+    top = probs.max(1)
+    right = probs.argmax(1) == y_true
+    table = []
+    for t in levels:
+        kept = top >= t
+        n = int(kept.sum())
+        table.append({"min_confidence": t, "rows": n,
+                      "coverage": round(n / max(len(top), 1), 4),
+                      "accuracy": round(float(right[kept].mean()), 4) if n else None})
+    return table
 
 
 def multilabel_metrics(y_true: np.ndarray, logits: np.ndarray, names: list[str],

@@ -196,6 +196,22 @@ def mistakes(folder: Path, multi_label: bool = False) -> list[str]:
     return [head, note, _table(rows, header)]
 
 
+def by_confidence(metrics: dict) -> list[str]:
+    """The accuracy-coverage table: how right the model is on the rows it is sure of."""
+    rows = metrics.get("by_confidence")
+    if not rows:
+        return []
+    body = [[f"{r['min_confidence']:g}" if r["min_confidence"] else "any",
+             f"{r['coverage']:.1%} ({r['rows']:,})",
+             "-" if r["accuracy"] is None else f"{r['accuracy']:.4f}"] for r in rows]
+    note = ("Accuracy on the rows whose top probability" + (" (after the fitted temperature)"
+            if metrics.get("temperature") else "") + " is at least each level, and how many "
+            "rows that is. <code>textune predict --min-confidence P</code> labels only those "
+            "rows and leaves the rest blank, for a person to decide.")
+    return ["<h2>Accuracy by confidence</h2>", f"<p>{note}</p>",
+            _table(body, ["top probability at least", "rows kept", "accuracy on them"])]
+
+
 def write_report(folder: str | Path, metrics: dict | None = None, title: str | None = None) -> Path:
     """Build PNGs and ``report.html`` for a run (train) or an eval folder."""
     folder = Path(folder)
@@ -245,7 +261,8 @@ def write_report(folder: str | Path, metrics: dict | None = None, title: str | N
              _table(summary, ["", "value"]), f"<h2>Per {'tag' if multi else 'class'}</h2>",
              _table(per_class, ["tag" if multi else "class", "precision", "recall", "F1",
                                 "support", *(["threshold"] if thresholds else [])]),
-             *mistakes(folder, multi), "<h2>Plots</h2>", *(_img(p) for p in images)]
+             *by_confidence(metrics), *mistakes(folder, multi), "<h2>Plots</h2>",
+             *(_img(p) for p in images)]
     if cfg.exists():
         parts += ["<h2>Configuration</h2>", f"<pre>{html.escape(cfg.read_text())}</pre>"]
     doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(folder.name)}"
