@@ -314,17 +314,24 @@ def test_bad_flag_values(capsys, tmp_path, toy_csv, flag, value):
     assert code == 2 and flag in one_line_error(err)
 
 
-def test_predict_uncertain_picks_the_rows_the_run_is_least_sure_of(capsys, tmp_path, tiny_bert,
+@pytest.fixture
+def toy_run(capsys, tmp_path, tiny_bert, toy_csv):
+    """A tiny BERT fine-tuned on the toy data (for predict's options)."""
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--model", str(tiny_bert), "--data", str(toy_csv),
+                           "--lr", "1e-3", "--epochs", "2", "--out", str(out), "--quiet")
+    assert code == 0, err
+    return out
+
+
+def test_predict_uncertain_picks_the_rows_the_run_is_least_sure_of(capsys, tmp_path, toy_run,
                                                                     toy_csv):
     import numpy as np
     import pandas as pd
 
     import textune
 
-    out = tmp_path / "run"
-    code, _, err = run_cli(capsys, "train", "--model", str(tiny_bert), "--data", str(toy_csv),
-                           "--lr", "1e-3", "--epochs", "2", "--out", str(out), "--quiet")
-    assert code == 0, err
+    out = toy_run
     pool = pd.read_csv(toy_csv).head(200)
     texts = pool["text"].tolist()
     texts[5] = texts[7]  # a repeated text is offered once
@@ -367,7 +374,7 @@ def test_multilabel_uncertainty_is_the_distance_to_the_nearest_threshold():
     assert np.allclose(u, [1.0, 0.5, 0.0])
 
 
-def test_predict_min_confidence_leaves_unsure_rows_unlabelled(capsys, tmp_path, tiny_bert,
+def test_predict_min_confidence_leaves_unsure_rows_unlabelled(capsys, tmp_path, toy_run,
                                                               toy_csv):
     import json
 
@@ -376,10 +383,7 @@ def test_predict_min_confidence_leaves_unsure_rows_unlabelled(capsys, tmp_path, 
 
     import textune
 
-    out = tmp_path / "run"
-    code, _, err = run_cli(capsys, "train", "--model", str(tiny_bert), "--data", str(toy_csv),
-                           "--lr", "1e-3", "--epochs", "1", "--out", str(out), "--quiet")
-    assert code == 0, err
+    out = toy_run
     m = json.loads((out / "metrics.json").read_text())
     levels = {r["min_confidence"]: r for r in m["by_confidence"]}
     assert levels[0.0]["coverage"] == 1.0 and levels[0.0]["accuracy"] == round(m["accuracy"], 4)
