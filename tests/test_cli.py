@@ -307,11 +307,19 @@ def test_real_process_exit_code(tmp_path):
 
 @pytest.mark.parametrize("flag,value", [("--epochs", "0"), ("--max-length", "2"),
                                         ("--limit", "1"), ("--num-processes", "0"),
-                                        ("--lora-dropout", "1.5"), ("--batch-tokens", "10")])
+                                        ("--lora-dropout", "1.5"), ("--batch-tokens", "10"),
+                                        ("--max-windows", "0")])
 def test_bad_flag_values(capsys, tmp_path, toy_csv, flag, value):
     code, _, err = run_cli(capsys, "train", "--data", str(toy_csv), "--out", str(tmp_path / "o"),
                            flag, value)
     assert code == 2 and flag in one_line_error(err)
+
+
+def test_windows_refuse_text_pairs(capsys, tmp_path, toy_csv):
+    code, _, err = run_cli(capsys, "train", "--data", str(toy_csv), "--out", str(tmp_path / "o"),
+                           "--text-pair-col", "label", "--truncation", "windows")
+    assert code == 2 and "--truncation windows: not for text pairs" in one_line_error(err)
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.fixture

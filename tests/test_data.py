@@ -132,6 +132,37 @@ def test_encode_head_tail_keeps_both_ends(tiny_bert):
     assert ht[0] == tok.cls_token_id
 
 
+def test_encode_windows_cover_a_long_text_and_pool_per_text(tiny_bert, tiny_llama):
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    words = ["good"] + ["film"] * 40 + ["bad"]  # 42 body tokens: windows of 14 -> 3
+    t = Table(["nice plot", " ".join(words), "dull"], ["pos", "neg", "neg"], None, "mem")
+    enc = encode(tok, t, 16, "windows", ["neg", "pos"])
+    assert enc.rows.tolist() == [0, 1, 1, 1, 2] and enc.n_rows == 3
+    assert enc.labels.tolist() == [1, 0, 0, 0, 0] and enc.row_labels.tolist() == [1, 0, 0]
+    good, bad = tok.convert_tokens_to_ids("good"), tok.convert_tokens_to_ids("bad")
+    w = [x.tolist() for x in enc.input_ids[1:4]]
+    assert all(len(x) == 16 and x[0] == tok.cls_token_id and x[-1] == tok.sep_token_id
+               for x in w)
+    assert w[0][1] == good and w[-1][-2] == bad  # the first and the last tokens are in
+    assert enc.input_ids[0].tolist() == tok("nice plot")["input_ids"]  # short: as before
+    logits = np.array([[1.0, 0], [0, 3], [0, 6], [3, 0], [2, 2]], dtype=np.float32)
+    assert enc.pool(logits).tolist() == [[1, 0], [1, 3], [2, 2]]
+    capped = encode(tok, t, 16, "windows", ["neg", "pos"], max_windows=2)
+    assert capped.rows.tolist() == [0, 1, 1, 2]
+    assert capped.input_ids[2].tolist()[-2] == bad  # the cap spreads, still reaching the end
+    # a decoder's tokenizer (no special tokens here): windows are plain slices
+    from textune.modeling import load_tokenizer
+
+    ltok = load_tokenizer(str(tiny_llama))  # (sets the pad token)
+    lenc = encode(ltok, Table([" ".join(words)], ["pos"], None, "mem"), 16, "windows", ["pos"])
+    assert len(lenc) == 3 and all(len(x) == 16 for x in lenc.input_ids)
+    with pytest.raises(UserError, match="not for text pairs"):
+        encode(tok, Table(["a"], ["pos"], ["b"], "mem"), 16, "windows", ["pos"])
+
+
 def test_collate_pads_to_multiple_of_8(tiny_bert):
     from transformers import AutoTokenizer
 

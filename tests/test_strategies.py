@@ -403,3 +403,30 @@ def test_reloading_a_full_run_is_quiet(tiny_bert, toy_csv, tmp_path, capfd):
     finally:
         tl.set_verbosity_error()
         tl.disable_progress_bar()
+
+
+@pytest.mark.parametrize("strategy", ["full", "frozen"])
+def test_windows_read_past_max_length(strategy, tiny_bert, toy_csv, tmp_path):
+    """--truncation windows: with 8-token windows the cue word past the head still counts
+    (toy texts have up to 10 words, the cue anywhere), and a reloaded run scores alike."""
+    lr, epochs = RECIPE[strategy]
+    res = {}
+    for how in ("head", "windows"):
+        cfg = config(tiny_bert, toy_csv, tmp_path / how, strategy, lr=lr, epochs=epochs)
+        cfg.data.max_length, cfg.data.truncation = 8, how
+        res[how] = train(cfg, progress=False)
+    w = res["windows"]
+    assert w["windows"]["train"] > w["splits"]["train"] and w["truncation"] == "windows"
+    # the head run was told, and its report says so
+    from textune.report import caveats
+
+    assert res["head"]["texts_longer_than_max_length"] > 0.3
+    assert any("--truncation windows" in c for c in caveats(res["head"]))
+    assert not any("--truncation windows" in c for c in caveats(w))
+    assert w["n_eval"] == res["head"]["n_eval"]  # texts are scored, not windows
+    assert w["accuracy"] >= res["head"]["accuracy"] + 0.05, res
+    clf = textune.load(tmp_path / "windows")
+    table = textune.api.load_splits(textune.config.RunConfig.load(
+        tmp_path / "windows" / "config.json")).test
+    assert clf.evaluate(table)["accuracy"] == pytest.approx(w["accuracy"], abs=1e-9)
+    assert clf.predict_proba(["the film was a movie plot and it story " + "good"]).shape == (1, 2)

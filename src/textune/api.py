@@ -19,6 +19,7 @@ from . import __version__, loop
 from .classifier import CALIBRATION, Classifier, build_model, load
 from .config import RunConfig
 from .data import (
+    LONG_TEXTS_HINT,
     TAG_JOIN,
     UNKNOWN_WARN,
     Encoded,
@@ -32,6 +33,7 @@ from .data import (
     resolve_data,
     save_labels,
     split_indices,
+    text_lengths,
     unknown_share,
 )
 from .errors import UserError
@@ -191,16 +193,28 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
     from transformers import AutoConfig
 
     cap = model_max_length(tokenizer, AutoConfig.from_pretrained(src))
+    lengths = text_lengths(tokenizer, splits.train, seed=cfg.split_seed)
     if cfg.data.max_length is None:
-        cfg.data.max_length = choose_max_length(tokenizer, splits.train, cap, seed=cfg.split_seed)
+        cfg.data.max_length = choose_max_length(lengths, cap)
         log.info("max length %d tokens (covers ~99%% of the training texts)", cfg.data.max_length)
     elif cfg.data.max_length > cap:
         raise UserError(f"--max-length {cfg.data.max_length}: the model takes at most {cap}")
+    longer = float((lengths > cfg.data.max_length).mean())
+    if longer > LONG_TEXTS_HINT and cfg.data.truncation != "windows" and splits.train.pairs is None:
+        log.info("%.0f%% of the training texts are longer than %d tokens (median %d): only %s "
+                 "of each is read; --truncation windows reads all of it", 100 * longer,
+                 cfg.data.max_length,
+                 int(np.median(lengths)), "the start" if cfg.data.truncation == "head"
+                 else "the start and end")
     n_texts = len(splits.train) + len(splits.val) + len(splits.test)
     if n_texts > 50_000:  # (~37 s a million short texts on 2 cores)
         log.info("tokenizing %s texts", f"{n_texts:,}")
     enc = {name: encode(tokenizer, getattr(splits, name), cfg.data.max_length,
-                        cfg.data.truncation, splits.labels) for name in ("train", "val", "test")}
+                        cfg.data.truncation, splits.labels, cfg.data.max_windows)
+           for name in ("train", "val", "test")}
+    if cfg.data.truncation == "windows":
+        log.info("windows of %d tokens: %s", cfg.data.max_length, ", ".join(
+            f"{name} {e.n_rows:,} texts -> {len(e):,}" for name, e in enc.items()))
     unk = unknown_share(enc["train"], tokenizer)
     if unk > UNKNOWN_WARN:
         log.warning("%.0f%% of the training tokens are %s to %s: its vocabulary does not cover "
@@ -308,8 +322,8 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
             strategy.save(model, out)
 
     def evaluate(logits: np.ndarray) -> dict:
-        val_logits["last"] = logits
-        return classification_metrics(val_data.labels, logits, splits.labels)
+        val_logits["last"] = logits = enc["val"].pool(logits)  # (windows: a text's mean)
+        return classification_metrics(enc["val"].row_labels, logits, splits.labels)
 
     state = loop.fit(model, train_data, val_data, cfg.train, lr=lr, accelerator=accelerator,
                      run_dir=out, evaluate=evaluate, on_best=on_best,
@@ -325,14 +339,14 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
         """The best epoch's validation logits, scored again only for a resumed run (whose best
         epoch was scored by the earlier process)."""
         vl = val_logits.get("best")
-        return vl if vl is not None else predict_logits(
-            model, enc["val"], cfg.train.eval_batch_size, device, amp_dtype(accelerator))
+        return vl if vl is not None else enc["val"].pool(predict_logits(
+            model, enc["val"], cfg.train.eval_batch_size, device, amp_dtype(accelerator)))
 
     temperature, thresholds = 1.0, None
     if cfg.train.calibration in ("threshold", "per-tag") and len(enc["val"]):
         vl = best_val_logits()
         per_tag = cfg.train.calibration == "per-tag"
-        thresholds = fit_thresholds(vl, enc["val"].labels, per_tag=per_tag)
+        thresholds = fit_thresholds(vl, enc["val"].row_labels, per_tag=per_tag)
         how = (f"each tag's own where it has {MIN_THRESHOLD_POSITIVES}+ positive rows there"
                if per_tag else "one for all tags")
         log.info("decision thresholds chosen on the validation split for the best F1 (%s): %s; "
@@ -345,7 +359,7 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
                 ensure_ascii=False) + "\n")
     if cfg.train.calibration == "temperature" and len(enc["val"]):
         vl = best_val_logits()
-        wrong = int((vl.argmax(1) != enc["val"].labels).sum())
+        wrong = int((vl.argmax(1) != enc["val"].row_labels).sum())
         if len(vl) < MIN_CALIBRATION_ROWS or wrong == 0:
             # with no mistake to weigh, the likelihood only grows as the temperature falls:
             # the fit would make every probability ~1
@@ -353,7 +367,7 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
                      "mistakes (needs %d rows and a mistake)", len(vl), wrong,
                      MIN_CALIBRATION_ROWS)
         else:
-            temperature = fit_temperature(vl, enc["val"].labels)
+            temperature = fit_temperature(vl, enc["val"].row_labels)
             log.info("temperature %.3f fitted on the validation split (probabilities "
                      "calibrated; --calibration none turns it off)", temperature)
         if accelerator.is_main_process and temperature != 1.0:
@@ -366,19 +380,21 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
         test_data = compute_features(model, test_data, cfg, device, amp_dtype(accelerator),
                                      progress, cache)
         features_cached += test_data.from_cache
-    test_logits = predict_logits(model, test_data, cfg.train.eval_batch_size, device,
-                                 amp_dtype(accelerator), progress=progress, desc="test")
-    metrics = held_out_metrics(splits.test, enc["test"].labels, test_logits / temperature,
+    test_logits = enc["test"].pool(predict_logits(model, test_data, cfg.train.eval_batch_size,
+                                                  device, amp_dtype(accelerator),
+                                                  progress=progress, desc="test"))
+    y_test = enc["test"].row_labels
+    metrics = held_out_metrics(splits.test, y_test, test_logits / temperature,
                                splits.labels, out if accelerator.is_main_process else None,
                                thresholds=thresholds, label_sep=cfg.data.label_sep)
     if thresholds is not None:
-        at_half = classification_metrics(enc["test"].labels, test_logits, splits.labels)
+        at_half = classification_metrics(y_test, test_logits, splits.labels)
         metrics["macro_f1_at_0.5"] = round(at_half["macro_f1"], 4)
         metrics["accuracy_at_0.5"] = round(at_half["accuracy"], 4)
     if temperature != 1.0:
         metrics["temperature"] = round(temperature, 4)
         metrics["ece_before_temperature"] = round(calibration_error(
-            enc["test"].labels, softmax(test_logits.astype(np.float64))), 4)
+            y_test, softmax(test_logits.astype(np.float64))), 4)
     train_seconds = state.train_seconds + feature_seconds
     metrics.update({
         "split": "test",
@@ -386,6 +402,10 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
         "model": cfg.model.model,
         "strategy": strategy.describe(),
         "max_length": cfg.data.max_length,
+        "truncation": cfg.data.truncation,
+        "texts_longer_than_max_length": round(longer, 4),
+        **({"windows": {name: len(e) for name, e in enc.items()}}
+           if cfg.data.truncation == "windows" else {}),
         "unknown_token_share": round(unk, 4),
         "epochs_run": state.epoch,
         "steps": state.step,

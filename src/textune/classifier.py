@@ -79,8 +79,9 @@ class Classifier:
         validation split after training, calibration.json; else 0.5)."""
 
     def encode(self, texts: list[str], pairs: list[str] | None = None) -> Encoded:
-        return encode(self.tokenizer, Table(list(texts), None, pairs, "input"),
-                      self.config.data.max_length, self.config.data.truncation)
+        d = self.config.data
+        return encode(self.tokenizer, Table(list(texts), None, pairs, "input"), d.max_length,
+                      d.truncation, max_windows=d.max_windows)
 
     def logits(self, texts: list[str], pairs: list[str] | None = None,
                batch_size: int = 64, progress: bool = False) -> np.ndarray:
@@ -91,9 +92,11 @@ class Classifier:
                             f"{self.config.data.text_pair_col!r}): pass pairs= as well")
         if len(texts) == 0:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
-        if self.device.type != "cuda" or len(texts) <= 2 * self.CHUNK:
-            return predict_logits(self.model, self.encode(texts, pairs), batch_size, self.device,
-                                  self._amp(), progress=progress, desc="predict")
+        if self.device.type != "cuda" or len(texts) <= 2 * self.CHUNK or \
+                self.config.data.truncation == "windows":
+            enc = self.encode(texts, pairs)
+            return enc.pool(predict_logits(self.model, enc, batch_size, self.device,
+                                           self._amp(), progress=progress, desc="predict"))
         return self._chunked_logits(texts, pairs, batch_size, progress)
 
     def _amp(self) -> torch.dtype | None:

@@ -64,7 +64,12 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                                        "| ; or ,)")
     g.add_argument("--limit", type=int, help="cap training rows (stratified sample)")
     g.add_argument("--max-length", type=int, help="tokens per text (default: covers ~99%%)")
-    g.add_argument("--truncation", default="head", choices=["head", "head-tail"])
+    g.add_argument("--truncation", default="head", choices=["head", "head-tail", "windows"],
+                   help="texts longer than --max-length: keep the head, the head and tail, or "
+                        "all of it in windows (each trained on; a text's prediction is the mean "
+                        "of its windows')")
+    g.add_argument("--max-windows", type=int, default=8,
+                   help="--truncation windows: at most this many windows a text (default 8)")
     g.add_argument("--val-fraction", type=float, default=0.1)
     g.add_argument("--test-fraction", type=float, default=0.1)
     g = p.add_argument_group("strategy")

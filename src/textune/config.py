@@ -23,6 +23,10 @@ class DataArgs:
     max_length: int | None = None
     """Tokens per text; default covers ~99% of the data, capped by the model."""
     truncation: str = "head"
+    """head: a long text's first max-length tokens; head-tail: its first quarter and last three
+    quarters; windows: the whole text in windows (train on each, predict with their mean)."""
+    max_windows: int = 8
+    """--truncation windows: windows a text is cut into at most (spread evenly over it)."""
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     split_seed: int | None = None
@@ -187,7 +191,11 @@ class RunConfig:
             (t.patience is None or t.patience >= 1, "--patience must be >= 1"),
             (d.limit is None or d.limit >= 2, "--limit must be >= 2"),
             (d.max_length is None or d.max_length >= 8, "--max-length must be >= 8"),
-            (d.truncation in ("head", "head-tail"), "--truncation: choose head or head-tail"),
+            (d.truncation in ("head", "head-tail", "windows"),
+             "--truncation: choose head, head-tail or windows"),
+            (d.max_windows >= 1, "--max-windows must be >= 1"),
+            (d.truncation != "windows" or not d.text_pair_col,
+             "--truncation windows: not for text pairs; choose head or head-tail"),
             (0 < d.val_fraction < 0.5 and 0 < d.test_fraction < 0.5,
              "--val-fraction and --test-fraction must be in (0, 0.5)"),
             (self.strategy.lora_r >= 1, "--lora-r must be >= 1"),

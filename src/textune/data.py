@@ -547,29 +547,59 @@ def limit_indices(idx: list[int], labels: list, limit: int | None, seed: int) ->
 
 @dataclass
 class Encoded:
-    """Token ids of a split, ready for length-grouped batching."""
+    """Token ids of a split, ready for length-grouped batching.
+
+    With ``rows`` (``--truncation windows``) a sequence is one window of a text: ``rows[i]`` is
+    the text it comes from (windows of a text are adjacent), ``labels`` are per window, and
+    ``pool`` turns per-window logits into per-text ones."""
 
     input_ids: list[np.ndarray]
     token_type_ids: list[np.ndarray] | None
     labels: np.ndarray | None
     pad_id: int
+    rows: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def n_rows(self) -> int:
+        """Texts encoded (``len`` counts sequences: windows, with ``rows``)."""
+        return len(self) if self.rows is None else (int(self.rows[-1]) + 1 if len(self) else 0)
+
+    @functools.cached_property
+    def _starts(self) -> np.ndarray:
+        """Each text's first window."""
+        return np.flatnonzero(np.r_[True, self.rows[1:] != self.rows[:-1]])
+
+    @property
+    def row_labels(self) -> np.ndarray | None:
+        """Labels per text (``labels`` are per sequence)."""
+        if self.rows is None or self.labels is None:
+            return self.labels
+        return self.labels[self._starts]
+
+    def pool(self, logits: np.ndarray) -> np.ndarray:
+        """Per-sequence logits -> per-text logits: the mean over a text's windows."""
+        if self.rows is None:
+            return logits
+        sums = np.add.reduceat(logits.astype(np.float64), self._starts, axis=0)
+        return (sums / np.diff(np.r_[self._starts, len(self)])[:, None]).astype(logits.dtype)
 
     @property
     def lengths(self) -> np.ndarray:
         return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self))
 
     def select(self, idx) -> Encoded:
-        """The rows ``idx``, in that order."""
+        """The sequences ``idx``, in that order (windows: no longer grouped into texts)."""
         return Encoded([self.input_ids[i] for i in idx],
                        None if self.token_type_ids is None else [self.token_type_ids[i] for i in idx],
                        None if self.labels is None else self.labels[np.asarray(idx, dtype=np.int64)],
                        self.pad_id)
 
     def join(self, other: Encoded) -> Encoded:
-        """These rows, then ``other``'s (both encoded alike)."""
+        """These rows, then ``other``'s (both encoded alike, one sequence a text)."""
+        assert self.rows is None and other.rows is None
         return Encoded(self.input_ids + other.input_ids,
                        None if self.token_type_ids is None else
                        self.token_type_ids + other.token_type_ids,
@@ -614,13 +644,18 @@ def model_max_length(tokenizer, config) -> int:
     return min(limits) if limits else 512
 
 
-def choose_max_length(tokenizer, table: Table, cap: int, sample: int = 2000, seed: int = 0) -> int:
-    """A length covering ~99% of the texts (rounded up to 8), capped by the model."""
+def text_lengths(tokenizer, table: Table, sample: int = 2000, seed: int = 0) -> np.ndarray:
+    """Tokens of up to ``sample`` texts of the table (a seeded sample), uncut."""
     rng = np.random.default_rng(seed)
     idx = rng.choice(len(table), size=min(sample, len(table)), replace=False)
     sub = table.subset(idx)
-    enc = tokenizer(sub.texts, sub.pairs, truncation=False)["input_ids"]
-    p99 = int(np.percentile([len(x) for x in enc], 99))
+    ids, _ = tokenize(tokenizer, sub.texts, sub.pairs, None)
+    return np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+
+
+def choose_max_length(lengths: np.ndarray, cap: int) -> int:
+    """A length covering ~99% of the texts (rounded up to 8), capped by the model."""
+    p99 = int(np.percentile(lengths, 99))
     return int(min(cap, max(8, -(-p99 // 8) * 8)))
 
 
@@ -640,7 +675,7 @@ def tokenize(tokenizer, texts: list[str], pairs: list[str] | None, max_length: i
 
     def hf(t, p):
         enc = tokenizer(t, p, truncation=max_length is not None, max_length=max_length,
-                        return_attention_mask=False)
+                        return_attention_mask=False, verbose=False)  # (no "too long" warning)
         return enc["input_ids"], enc.get("token_type_ids")
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -675,6 +710,9 @@ def tokenize(tokenizer, texts: list[str], pairs: list[str] | None, max_length: i
     return ids, (types if check[1] is not None else None)
 
 
+LONG_TEXTS_HINT = 0.05
+"""Above this share of training texts longer than --max-length, ``train`` suggests windows."""
+
 UNKNOWN_WARN = 0.05
 """Above this share of unknown tokens, ``train`` warns and the report says so."""
 
@@ -692,28 +730,81 @@ def unknown_share(enc: Encoded, tokenizer, rows: int = 20000) -> float:
     return float((text == unk).mean()) if len(text) else 0.0
 
 
+TRUNCATIONS = ("head", "head-tail", "windows")
+
+MAX_WINDOWS = 8
+"""``--max-windows`` default: windows a text is cut into at most (``--truncation windows``)."""
+
+
 def encode(tokenizer, table: Table, max_length: int, truncation: str = "head",
-           label_names: list[str] | None = None) -> Encoded:
+           label_names: list[str] | None = None, max_windows: int = MAX_WINDOWS) -> Encoded:
     """Tokenize a table. ``truncation='head-tail'`` keeps the first quarter and the last
-    three quarters of the token budget of a long text (Sun et al., 2019) instead of its start."""
-    if truncation not in ("head", "head-tail"):
-        raise UserError(f"--truncation {truncation}: choose head or head-tail")
+    three quarters of the token budget of a long text (Sun et al., 2019) instead of its start;
+    ``'windows'`` cuts a long text into up to ``max_windows`` windows of ``max_length`` tokens
+    spread evenly over it (see ``windows``)."""
+    if truncation not in TRUNCATIONS:
+        raise UserError(f"--truncation {truncation}: choose {', '.join(TRUNCATIONS)}")
+    if truncation == "windows" and table.pairs is not None:
+        raise UserError("--truncation windows: not for text pairs; choose head or head-tail")
+    rows = None
     if table.pairs is not None or truncation == "head":
         ids, tt = tokenize(tokenizer, table.texts, table.pairs, max_length)
     else:
         ids, tt = tokenize(tokenizer, table.texts, None, None)
-        head = max_length // 4
-        ids = [x if len(x) <= max_length else x[:head] + x[len(x) - (max_length - head):]
-               for x in ids]
+        if truncation == "windows":
+            ids, rows = windows(tokenizer, ids, max_length, max_windows)
+        else:
+            head = max_length // 4
+            ids = [x if len(x) <= max_length else x[:head] + x[len(x) - (max_length - head):]
+                   for x in ids]
     tt = tt if table.pairs is not None else None  # type ids only matter for pairs
     labels = None
     if table.labels is not None and label_names is not None:
         labels = encode_labels(table.labels, label_names, table.source)
+        if rows is not None:
+            labels = labels[rows]
     pad = tokenizer.pad_token_id
     assert pad is not None, "pad token must be set before encoding"
     return Encoded([np.asarray(x, dtype=np.int64) for x in ids],
                    None if tt is None else [np.asarray(x, dtype=np.int64) for x in tt],
-                   labels, int(pad))
+                   labels, int(pad), rows)
+
+
+def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a text (BERT: [CLS] / [SEP];
+    LLaMA: <s> / none), read off how it encodes a one-word text."""
+    with_sp = tokenizer("a", add_special_tokens=True)["input_ids"]
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    for i in range(len(with_sp) - len(bare) + 1):
+        if with_sp[i:i + len(bare)] == bare:
+            return with_sp[:i], with_sp[i + len(bare):]
+    return [], []
+
+
+def windows(tokenizer, ids: list[list[int]], max_length: int, max_windows: int
+            ) -> tuple[list[list[int]], np.ndarray]:
+    """Texts (token ids with their special tokens) cut into windows of ``max_length`` tokens,
+    each with the special tokens again. A text of n body tokens gets
+    ``min(ceil(n / body), max_windows)`` windows of ``body`` tokens, their starts spread evenly
+    from its first token to its last window (they overlap a little, so all are full; with the
+    cap, they skip parts of a very long text evenly). Returns the windows and each one's text."""
+    pre, post = special_tokens(tokenizer)
+    body = max_length - len(pre) - len(post)
+    if body < 1:
+        raise UserError(f"--max-length {max_length}: too short for windows")
+    out, rows = [], []
+    for r, x in enumerate(ids):
+        inner = x[len(pre):len(x) - len(post)] if x[:len(pre)] == pre and \
+            (not post or x[len(x) - len(post):] == post) else x
+        if len(inner) <= body:
+            out.append(x)
+            rows.append(r)
+            continue
+        n = min(-(-len(inner) // body), max_windows)
+        for s in np.linspace(0, len(inner) - body, n).round().astype(int):
+            out.append(pre + list(inner[s:s + body]) + post)
+            rows.append(r)
+    return out, np.asarray(rows, dtype=np.int64)
 
 
 # ---------------------------------------------------------------------------------------------

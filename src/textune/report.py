@@ -124,13 +124,19 @@ def _table(rows: list[list], header: list[str]) -> str:
 
 def caveats(metrics: dict) -> list[str]:
     """What makes a run's numbers less than they seem, from its metrics.json."""
-    from .data import UNKNOWN_WARN
+    from .data import LONG_TEXTS_HINT, UNKNOWN_WARN
 
     out = []
     unk = metrics.get("unknown_token_share") or 0
     if unk > UNKNOWN_WARN:
         out.append(f"{unk:.0%} of the training tokens were unknown to the tokenizer: the "
                    f"model's vocabulary does not cover this text (another language or script?)")
+    longer = metrics.get("texts_longer_than_max_length") or 0
+    if longer > LONG_TEXTS_HINT and metrics.get("truncation") != "windows":
+        out.append(f"{longer:.0%} of the training texts were longer than --max-length "
+                   f"({metrics.get('max_length')} tokens): only "
+                   f"{'the start' if metrics.get('truncation') == 'head' else 'part'} of each was "
+                   f"read; --truncation windows reads all of each text")
     splits = metrics.get("splits") or {}
     for part in ("test", "val"):
         n = splits.get(f"{part}_in_train")
