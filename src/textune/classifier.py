@@ -92,6 +92,7 @@ class Classifier:
                             f"{self.config.data.text_pair_col!r}): pass pairs= as well")
         if len(texts) == 0:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
+        # (windows: the chunked path regroups sequences across chunks, losing a text's windows)
         if self.device.type != "cuda" or len(texts) <= 2 * self.CHUNK or \
                 self.config.data.truncation == "windows":
             enc = self.encode(texts, pairs)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .config import TRUNCATIONS, DataArgs
 from .errors import UserError
 
 log = logging.getLogger("textune")
@@ -64,12 +65,13 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                                        "| ; or ,)")
     g.add_argument("--limit", type=int, help="cap training rows (stratified sample)")
     g.add_argument("--max-length", type=int, help="tokens per text (default: covers ~99%%)")
-    g.add_argument("--truncation", default="head", choices=["head", "head-tail", "windows"],
+    g.add_argument("--truncation", default=DataArgs.truncation, choices=TRUNCATIONS,
                    help="texts longer than --max-length: keep the head, the head and tail, or "
                         "all of it in windows (each trained on; a text's prediction is the mean "
                         "of its windows')")
-    g.add_argument("--max-windows", type=int, default=8,
-                   help="--truncation windows: at most this many windows a text (default 8)")
+    g.add_argument("--max-windows", type=int, default=DataArgs.max_windows,
+                   help="--truncation windows: at most this many windows a text (default "
+                        "%(default)s)")
     g.add_argument("--val-fraction", type=float, default=0.1)
     g.add_argument("--test-fraction", type=float, default=0.1)
     g = p.add_argument_group("strategy")

@@ -8,6 +8,11 @@ from pathlib import Path
 
 from .errors import UserError
 
+TRUNCATIONS = ("head", "head-tail", "windows")
+"""How a text longer than --max-length is read (``DataArgs.truncation``)."""
+
+NO_WINDOWS_FOR_PAIRS = "--truncation windows: not for text pairs; choose head or head-tail"
+
 
 @dataclass
 class DataArgs:
@@ -191,11 +196,9 @@ class RunConfig:
             (t.patience is None or t.patience >= 1, "--patience must be >= 1"),
             (d.limit is None or d.limit >= 2, "--limit must be >= 2"),
             (d.max_length is None or d.max_length >= 8, "--max-length must be >= 8"),
-            (d.truncation in ("head", "head-tail", "windows"),
-             "--truncation: choose head, head-tail or windows"),
+            (d.truncation in TRUNCATIONS, f"--truncation: choose {', '.join(TRUNCATIONS)}"),
             (d.max_windows >= 1, "--max-windows must be >= 1"),
-            (d.truncation != "windows" or not d.text_pair_col,
-             "--truncation windows: not for text pairs; choose head or head-tail"),
+            (d.truncation != "windows" or not d.text_pair_col, NO_WINDOWS_FOR_PAIRS),
             (0 < d.val_fraction < 0.5 and 0 < d.test_fraction < 0.5,
              "--val-fraction and --test-fraction must be in (0, 0.5)"),
             (self.strategy.lora_r >= 1, "--lora-r must be >= 1"),

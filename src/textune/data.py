@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import NO_WINDOWS_FOR_PAIRS, TRUNCATIONS, DataArgs
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -565,7 +566,7 @@ class Encoded:
     @property
     def n_rows(self) -> int:
         """Texts encoded (``len`` counts sequences: windows, with ``rows``)."""
-        return len(self) if self.rows is None else (int(self.rows[-1]) + 1 if len(self) else 0)
+        return len(self) if self.rows is None else len(self._starts)
 
     @functools.cached_property
     def _starts(self) -> np.ndarray:
@@ -730,14 +731,8 @@ def unknown_share(enc: Encoded, tokenizer, rows: int = 20000) -> float:
     return float((text == unk).mean()) if len(text) else 0.0
 
 
-TRUNCATIONS = ("head", "head-tail", "windows")
-
-MAX_WINDOWS = 8
-"""``--max-windows`` default: windows a text is cut into at most (``--truncation windows``)."""
-
-
 def encode(tokenizer, table: Table, max_length: int, truncation: str = "head",
-           label_names: list[str] | None = None, max_windows: int = MAX_WINDOWS) -> Encoded:
+           label_names: list[str] | None = None, max_windows: int = DataArgs.max_windows) -> Encoded:
     """Tokenize a table. ``truncation='head-tail'`` keeps the first quarter and the last
     three quarters of the token budget of a long text (Sun et al., 2019) instead of its start;
     ``'windows'`` cuts a long text into up to ``max_windows`` windows of ``max_length`` tokens
@@ -745,7 +740,7 @@ def encode(tokenizer, table: Table, max_length: int, truncation: str = "head",
     if truncation not in TRUNCATIONS:
         raise UserError(f"--truncation {truncation}: choose {', '.join(TRUNCATIONS)}")
     if truncation == "windows" and table.pairs is not None:
-        raise UserError("--truncation windows: not for text pairs; choose head or head-tail")
+        raise UserError(NO_WINDOWS_FOR_PAIRS)
     rows = None
     if table.pairs is not None or truncation == "head":
         ids, tt = tokenize(tokenizer, table.texts, table.pairs, max_length)
