@@ -119,6 +119,13 @@ def load_splits(cfg: RunConfig) -> Splits:
     tr, va, te = split_indices(main, d.val_fraction, d.test_fraction, cfg.split_seed,
                                need=(val is None, test is None),
                                fold=None if d.folds is None else (d.fold, d.folds))
+    n_excluded = None
+    if d.exclude_rows:
+        drop = excluded_rows(d.exclude_rows, d.data, main)
+        n_excluded = sum(main.rows[i] in drop for i in tr)
+        tr = [i for i in tr if main.rows[i] not in drop]
+        log.info("--exclude-rows: %d of the %d rows listed were in the training split and are "
+                 "left out of it", n_excluded, len(drop))
     train = main.subset(tr)
     val = val or main.subset(va)
     test = test or main.subset(te)
@@ -138,6 +145,8 @@ def load_splits(cfg: RunConfig) -> Splits:
              "test": len(test), "source": "files" if (d.val or d.test) else
              f"stratified split of {d.data} (seed {cfg.split_seed})" + (
                  f", test = fold {d.fold} of {d.folds}" if d.folds else "")}
+    if n_excluded is not None:
+        split["excluded_from_train"] = n_excluded
     # (the split made here keeps duplicates together; files given by the user may overlap)
     seen = {_same_text(t, p) for t, p in zip(train.texts, train.pairs or [None] * len(train))}
     for name, given, part in (("val", d.val, val), ("test", d.test, test)):
@@ -151,6 +160,28 @@ def load_splits(cfg: RunConfig) -> Splits:
                         "scores overstate how the model does on new text", given, n, len(part),
                         100 * n / len(part))
     return Splits(train, val, test, labels, split)
+
+
+def excluded_rows(path: str, data: str, main: Table) -> set[int]:
+    """``--exclude-rows``: the ``row`` numbers in ``path``, checked against --data."""
+    from .data import _frame
+
+    df = _frame(Path(path))
+    if "row" not in df.columns:
+        raise UserError(f"--exclude-rows {path}: no `row` column (columns: "
+                        f"{', '.join(map(str, df.columns[:8]))}); pass textune cv's "
+                        f"label_issues.csv, or a file with the 0-based data rows in `row`")
+    try:
+        rows = {int(v) for v in df["row"].dropna()}
+    except (TypeError, ValueError):
+        raise UserError(f"--exclude-rows {path}: its `row` column must hold whole numbers (the "
+                        f"0-based data rows of --data)") from None
+    known = set(main.rows or ())
+    unknown = sorted(r for r in rows if r not in known)
+    if unknown:
+        raise UserError(f"--exclude-rows {path}: row {unknown[0]} is not a row of --data {data} "
+                        f"({len(unknown)} such): was the file made from this data?")
+    return rows
 
 
 def _tag_list(label: str) -> bool:

@@ -64,6 +64,9 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--label-sep", help="separator of a multi-label cell's tags (default: found: "
                                        "| ; or ,)")
     g.add_argument("--limit", type=int, help="cap training rows (stratified sample)")
+    g.add_argument("--exclude-rows", metavar="FILE",
+                   help="leave the rows of --data listed in FILE's `row` column (textune cv's "
+                        "label_issues.csv) out of training; val/test keep them")
     g.add_argument("--max-length", type=int, help="tokens per text (default: covers ~99%%)")
     g.add_argument("--truncation", default=DataArgs.truncation, choices=TRUNCATIONS,
                    help="texts longer than --max-length: keep the head, the head and tail, or "

@@ -25,6 +25,10 @@ class DataArgs:
     text_pair_col: str | None = None
     limit: int | None = None
     """Cap on training rows (a stratified sample); validation and test are not capped."""
+    exclude_rows: str | None = None
+    """A file with a ``row`` column (``textune cv``'s label_issues.csv): those rows of --data
+    are left out of the training split; validation and test keep them, so runs with and without
+    it are scored on the same rows."""
     max_length: int | None = None
     """Tokens per text; default covers ~99% of the data, capped by the model."""
     truncation: str = "head"

@@ -29,6 +29,15 @@ def run_cv(base: RunConfig, folds: int, out: Path, *, progress: bool = True) -> 
     probe.data.folds, probe.data.fold = folds, 0
     # bad data or flags (--folds, --test: RunConfig.validate): one clear error, before training
     load_splits(probe.validate())
+    fold_rows = []  # each fold's test rows: their places in --data (for label_issues.csv)
+    quiet, data_log = logging.getLogger("textune"), logging.getLogger("textune").level
+    quiet.setLevel(logging.ERROR)  # (the warnings about --data were given once, above)
+    try:
+        for k in range(folds):
+            probe.data.fold = k
+            fold_rows.append(load_splits(probe).test.rows)
+    finally:
+        quiet.setLevel(data_log)
     runs = []
     for k in range(folds):
         cfg = copy.deepcopy(base)
@@ -42,15 +51,17 @@ def run_cv(base: RunConfig, folds: int, out: Path, *, progress: bool = True) -> 
                      "run": cfg.out, **{key: m.get(key) for key in (
                          "accuracy", "macro_f1", "train_seconds", "n_eval")},
                      "train_rows": (m.get("splits") or {}).get("train")})
-    summary = pool(runs, out, base, folds)
+    summary = pool(runs, out, base, folds, fold_rows)
     (out / "cv.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "cv.md").write_text(markdown(summary) + "\n")
     return summary
 
 
-def pool(runs: list[dict], out: Path, base: RunConfig, folds: int) -> dict:
-    """The folds' test predictions as one file (every row once, its fold beside it) and the
-    metrics of that file; with each fold's own scores, their mean and spread."""
+def pool(runs: list[dict], out: Path, base: RunConfig, folds: int,
+         fold_rows: list[list[int] | None] | None = None) -> dict:
+    """The folds' test predictions as one file (every row once, its fold and its ``row`` in
+    --data beside it) and the metrics of that file; with each fold's own scores, their mean and
+    spread; and the rows whose label looks wrong (label_issues.csv)."""
     import pandas as pd
 
     from .data import TAG_JOIN, write_frame
@@ -77,9 +88,18 @@ def pool(runs: list[dict], out: Path, base: RunConfig, folds: int) -> dict:
         if f is None:
             return summary  # (a run folder someone emptied)
         f.insert(0, "fold", r["fold"])
+        rows = fold_rows[r["fold"]] if fold_rows else None
+        if rows is not None and len(rows) == len(f):
+            f.insert(1, "row", rows)
         frames.append(f)
     df = pd.concat(frames, ignore_index=True)
+    if "row" in df.columns:
+        if df["row"].isna().any():  # (a fold whose rows were not known)
+            df = df.drop(columns="row")
+        else:
+            df["row"] = df["row"].astype(int)
     index = {n: i for i, n in enumerate(names)}
+    sep = TAG_JOIN
     if base.data.multi_label:  # each fold decided with its own thresholds: score the decisions
         sep = RunConfig.load(Path(ok[0]["run"]) / "config.json").data.label_sep or TAG_JOIN
 
@@ -106,7 +126,25 @@ def pool(runs: list[dict], out: Path, base: RunConfig, folds: int) -> dict:
                                f"{folds} folds")
     summary["pooled"] = {k: m[k] for k in ("accuracy", "accuracy_ci95", "macro_f1",
                                            "macro_f1_ci95", "n_eval", "micro_f1") if k in m}
+    summary["label_issues"] = write_label_issues(df, names, out, base.data.multi_label, sep)
     return summary
+
+
+def write_label_issues(df, names: list[str], out: Path, multi_label: bool, sep: str) -> int | None:
+    """label_issues.csv: the rows confident learning flags in the out-of-fold predictions; how
+    many (None where it could not run)."""
+    from .data import write_frame
+    from .labelissues import LABEL_ISSUES, label_issues
+
+    try:
+        issues = label_issues(df, names, multi_label=multi_label, sep=sep)
+    except ImportError:
+        log.warning("label_issues.csv needs the cleanlab package: pip install cleanlab")
+        return None
+    write_frame(issues, out / LABEL_ISSUES)
+    log.info("%d of %d rows (%.1f%%) look mislabelled: %s, most likely first", len(issues),
+             len(df), 100 * len(issues) / max(len(df), 1), out / LABEL_ISSUES)
+    return len(issues)
 
 
 def markdown(s: dict) -> str:
@@ -136,4 +174,12 @@ def markdown(s: dict) -> str:
                   "", "predictions.csv: every row with its fold and out-of-fold prediction; "
                   + ("report.html lists the rows with a wrong tag." if s.get("multi_label") else
                      "report.html lists the most confident mistakes, often wrong labels.")]
+    n = s.get("label_issues")
+    if n is not None and p:
+        lines += ["", f"**{n} of {p['n_eval']} rows ({100 * n / p['n_eval']:.1f}%) look "
+                  f"mislabelled** (confident learning, cleanlab): label_issues.csv lists them, "
+                  f"most likely first, with their `row` in the data file and the label the "
+                  f"model suggests. Check them; to train without them: `textune train ... "
+                  f"--exclude-rows label_issues.csv` (training split only, so the test rows "
+                  f"stay the same)."]
     return "\n".join(lines)

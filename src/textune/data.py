@@ -40,6 +40,9 @@ class Table:
     source: str
     label_sep: str | None = None
     """The separator the multi-label column's tags were split on (None: lists or 0/1 columns)."""
+    rows: list[int] | None = None
+    """Each row's place in its file (0-based data rows, header excluded), where it came from
+    one: rows with an empty text or no label were dropped, so these can skip numbers."""
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -51,7 +54,7 @@ class Table:
     def subset(self, idx) -> Table:
         pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
         return Table(pick(self.texts), pick(self.labels), pick(self.pairs), self.source,
-                     self.label_sep)
+                     self.label_sep, pick(self.rows))
 
 
 def resolve_data(spec: str | Path) -> Path:
@@ -225,7 +228,8 @@ def read_table(path: str | Path, *, text_col: str | None = None, label_col: str 
                             f"right?")
         tags, sep = read_tags(df, path, label_col, label_sep)
         pairs = None if pcol is None else _strings(df[pcol].iloc[keep])
-        return Table([texts[i] for i in keep], [tags[i] for i in keep], pairs, str(path), sep)
+        return Table([texts[i] for i in keep], [tags[i] for i in keep], pairs, str(path), sep,
+                     keep)
     lcol = _pick(cols, "--label-col", label_col, LABEL_NAMES, path, require_labels)
     labels = None
     if lcol is not None:
@@ -243,7 +247,7 @@ def read_table(path: str | Path, *, text_col: str | None = None, label_col: str 
     pairs = None
     if pcol is not None:
         pairs = _strings(df[pcol].iloc[keep])
-    return Table([texts[i] for i in keep], labels, pairs, str(path))
+    return Table([texts[i] for i in keep], labels, pairs, str(path), rows=keep)
 
 
 TAG_SEPARATORS = ("|", ";", ",")
