@@ -245,3 +245,9 @@ def test_multilabel_cross_validation_pools_each_folds_decisions(tiny_bert, tags_
     assert m["accuracy"] == pytest.approx(sum(f["accuracy"] * f["n_eval"] for f in folds) / 900)
     assert m["micro_f1"] >= 0.9, m
     assert "exact-match accuracy" in (out / "cv.md").read_text()
+    # label issues work on tag sets too: each listed row is the data's row, with its tags
+    issues = pd.read_csv(out / "label_issues.csv", keep_default_na=False)
+    data = pd.read_csv(tags_csv, keep_default_na=False)
+    assert {"row", "fold", "label", "suggested", "p_label"} <= set(issues.columns)
+    assert (data.loc[issues["row"], "text"].to_numpy() == issues["text"].to_numpy()).all()
+    assert len(issues) < 0.1 * len(data)  # (clean toy tags: few, if any, contradicted)

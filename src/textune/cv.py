@@ -1,7 +1,7 @@
 """`textune cv`: k-fold cross-validation. On a small data set one test split of 10% knows
 accuracy to ±5-10 points; K runs, each tested on a different fold, score every row once. The
-pooled out-of-fold predictions give tighter intervals, and their most confident mistakes are
-the rows most worth checking for a wrong label."""
+pooled out-of-fold predictions give tighter intervals, and the rows whose label they contradict
+(label_issues.csv, confident learning) are the ones most worth checking for a wrong label."""
 
 from __future__ import annotations
 
