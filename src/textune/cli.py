@@ -87,6 +87,13 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="bottleneck adapters: hidden size / bottleneck size")
     g.add_argument("--adapter-where", default="both", choices=["both", "ffn"],
                    help="adapters after attention and feed-forward (Houlsby) or ffn only (Pfeiffer)")
+    g.add_argument("--pair-iterations", type=int, default=20,
+                   help="contrastive: rounds of pairs, each training text with one text of its "
+                        "class and one of another (default %(default)s)")
+    g.add_argument("--body-lr", type=float, default=2e-5,
+                   help="contrastive: the backbone's learning rate in the pair phase")
+    g.add_argument("--body-epochs", type=int, default=1,
+                   help="contrastive: epochs over the pairs")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int,
                    help="default 3; frozen 20 (its epochs cost little: features are cached)")
@@ -563,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=func)
 
     t = sub.add_parser("train", help="fine-tune a classifier and evaluate it")
-    t.add_argument("--strategy", default="full", help="full | frozen | lora | adapter")
+    t.add_argument("--strategy", default="full", help="full | frozen | lora | adapter | contrastive")
     t.add_argument("--out", help="run folder (must not exist or be empty)")
     t.add_argument("--overwrite", action="store_true",
                    help="replace an existing run folder (only a textune run folder)")
@@ -620,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     lc = sub.add_parser("curve", help="learning curve: one strategy on growing samples of the "
                         "training data, the same test rows: would more labels help?")
-    lc.add_argument("--strategy", default="full", help="full | frozen | lora | adapter")
+    lc.add_argument("--strategy", default="full", help="full | frozen | lora | adapter | contrastive")
     lc.add_argument("--sizes", help="training rows per run, e.g. 250,500,1000,all (default: all "
                     "the training rows and its halvings, 4 sizes)")
     several_runs(lc, cmd_curve)
@@ -628,7 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     tu = sub.add_parser("tune", help="choose hyperparameters (default: the learning rate) on "
                         "the validation split: one run per combination, the same splits; only "
                         "the chosen one's test metrics are reported")
-    tu.add_argument("--strategy", default="full", help="full | frozen | lora | adapter")
+    tu.add_argument("--strategy", default="full", help="full | frozen | lora | adapter | contrastive")
     tu.add_argument("--grid", action="append", metavar="FLAG=V1,V2",
                     help="a train flag and its values, e.g. lr=1e-4,5e-4 (repeat for more "
                          "flags: every combination runs); default: the learning rate at 1/3, 1 "
@@ -640,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("cv", help="k-fold cross-validation: every row scored once, out of "
                        "fold (small data sets; finds likely label errors)")
-    v.add_argument("--strategy", default="full", help="full | frozen | lora | adapter")
+    v.add_argument("--strategy", default="full", help="full | frozen | lora | adapter | contrastive")
     v.add_argument("--folds", type=int, default=5)
     several_runs(v, cmd_cv)
 

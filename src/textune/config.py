@@ -79,6 +79,11 @@ class StrategyArgs:
     lora_targets: list[str] | None = None
     adapter_reduction: int = 16
     adapter_where: str = "both"
+    pair_iterations: int = 20
+    """contrastive: rounds of pairs (each training text with one of its class, one of another)."""
+    body_lr: float = 2e-5
+    """contrastive: the backbone's learning rate in the pair phase (--lr is the head's)."""
+    body_epochs: int = 1
 
     def options(self) -> dict:
         if self.name == "lora":
@@ -91,6 +96,9 @@ class StrategyArgs:
                     "targets": self.lora_targets}
         if self.name == "adapter":
             return {"reduction": self.adapter_reduction, "where": self.adapter_where}
+        if self.name == "contrastive":
+            return {"iterations": self.pair_iterations, "body_lr": self.body_lr,
+                    "body_epochs": self.body_epochs}
         return {}
 
 
@@ -207,6 +215,15 @@ class RunConfig:
              "--val-fraction and --test-fraction must be in (0, 0.5)"),
             (self.strategy.lora_r >= 1, "--lora-r must be >= 1"),
             (self.strategy.adapter_reduction >= 1, "--adapter-reduction must be >= 1"),
+            (self.strategy.pair_iterations >= 1 and self.strategy.body_epochs >= 1 and
+             self.strategy.body_lr > 0, "--pair-iterations and --body-epochs must be >= 1, "
+                                        "--body-lr > 0"),
+            (self.strategy.name != "contrastive" or not d.multi_label,
+             "--strategy contrastive needs one label a row; with --multi-label use frozen, "
+             "lora or full"),
+            (self.strategy.name != "contrastive" or not d.text_pair_col,
+             "--strategy contrastive pairs single texts; with --text-pair-col use frozen, lora "
+             "or full"),
         ]
         for ok, msg in checks:
             if not ok:
