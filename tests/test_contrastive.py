@@ -70,3 +70,16 @@ def test_contrastive_refuses_tags_and_text_pairs(tiny_bert, tmp_path, capsys):
         assert main(["train", "--model", str(tiny_bert), "--data", str(data), "--strategy",
                      "contrastive", *extra, "--out", str(tmp_path / "r"), "--quiet"]) == 2
         assert msg in capsys.readouterr().err
+
+
+def test_a_head_on_cached_features_gets_enough_steps_by_default():
+    from textune.api import default_epochs
+    from textune.strategies import get_strategy
+
+    frozen, full = get_strategy("frozen"), get_strategy("full")
+    t = TrainArgs()  # batch 32
+    assert default_epochs(frozen, 32, t) == 100  # one step an epoch: 100 epochs
+    assert default_epochs(frozen, 320, t) == 20  # 10 steps an epoch: the default's 200 steps
+    assert default_epochs(get_strategy("contrastive"), 64, t) == 50
+    assert default_epochs(full, 32, t) == 3  # (the backbone trains: no such floor)
+    assert default_epochs(frozen, 32, TrainArgs(max_steps=7)) == 20

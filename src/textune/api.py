@@ -162,6 +162,26 @@ def load_splits(cfg: RunConfig) -> Splits:
     return Splits(train, val, test, labels, split)
 
 
+MIN_HEAD_STEPS = 100
+"""A head on cached features trains for at least this many steps unless --epochs says otherwise:
+20 epochs of 32 training rows are 20 steps, and left it short (rt-polarity, 16 rows a class:
+docs/BENCHMARKS.md)."""
+
+
+def default_epochs(strategy, rows: int, t) -> int:
+    """The strategy's default epochs; for a head on cached features (frozen, contrastive), as
+    many more as reach ``MIN_HEAD_STEPS`` optimizer steps on ``rows`` training rows."""
+    epochs = strategy.default_epochs
+    if strategy.precompute_features and t.max_steps is None:
+        per_epoch = -(-rows // max(1, (t.batch_size or t.batch_size_target) * t.grad_accum))
+        need = -(-MIN_HEAD_STEPS // per_epoch)
+        if need > epochs:
+            log.info("%d training rows: the head trains for %d epochs (%d steps; --epochs sets "
+                     "it)", rows, need, need * per_epoch)
+            epochs = need
+    return epochs
+
+
 def excluded_rows(path: str, data: str, main: Table) -> set[int]:
     """``--exclude-rows``: the ``row`` numbers in ``path``, checked against --data."""
     from .data import _frame
@@ -298,6 +318,8 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
              strategy.name, device, f"{trainable:,}", f"{total:,}", len(splits.train),
              len(splits.val), len(splits.test))
 
+    if cfg.train.epochs is None:
+        cfg.train.epochs = default_epochs(strategy, len(enc["train"]), cfg.train)
     if accelerator.is_main_process and not resume:
         cfg.model.model = resolve_model_key(cfg.model.model)
         for f in ("data", "val", "test"):  # absolute paths: the run reloads from anywhere

@@ -230,8 +230,7 @@ class RunConfig:
                 raise UserError(msg)
         if t.calibration == "auto":
             t.calibration = "threshold" if d.multi_label else "temperature"
-        t.epochs = self.epochs
-        return self
+        return self  # (--epochs left unset: train picks the strategy's default for the data)
 
     @property
     def epochs(self) -> int:
