@@ -83,6 +83,15 @@ class PromptArgs:
     out: str = ""
 
 
+def cache_arg(decoder) -> str:
+    """The name of ``decoder.forward``'s key-value cache argument: ``cache`` from transformers
+    5.24 (``past_key_values`` is deprecated there, to go in 5.40), ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters \
+        else "past_key_values"
+
+
 @dataclass
 class PromptParts:
     """Token ids: the shared prefix, one list per example, one list per label."""
@@ -115,7 +124,9 @@ class PromptScorer:
             ids = torch.tensor([prefix], device=self.device)
             with self._autocast():
                 out = self.model.get_decoder()(input_ids=ids, use_cache=True)
-            self._prefix_key, self._prefix_cache = key, out.past_key_values
+            cache = getattr(out, "cache", None)  # (transformers >= 5.24; past_key_values before)
+            self._prefix_key = key
+            self._prefix_cache = cache if cache is not None else out.past_key_values
         return self._prefix_cache
 
     @torch.inference_mode()
@@ -164,7 +175,7 @@ class PromptScorer:
                 # position j of a row predicts its token j+1; the prefix's last position
                 # predicts token 0, which is never a verbalizer token
                 return body(input_ids=ids, attention_mask=full_mask, position_ids=pos,
-                            past_key_values=cache, use_cache=True).last_hidden_state
+                            use_cache=True, **{cache_arg(body): cache}).last_hidden_state
             pre = torch.tensor(prefix, dtype=torch.long, device=self.device).expand(len(rows), -1)
             h = body(input_ids=torch.cat([pre, ids], 1),
                      attention_mask=torch.cat([torch.ones_like(pre), mask], 1),
