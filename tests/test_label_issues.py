@@ -99,3 +99,18 @@ def test_label_issues_ranks_contradicted_labels_single_and_multi_label():
     out = label_issues(df, names, multi_label=True)
     assert set(out.index) == {0, 1} and set(out["label"]) == {"c|a", "a"}
     assert set(out["suggested"]) == {"c", "a|b"}
+
+
+def test_cv_md_cautions_when_the_model_behind_the_list_is_weak():
+    from textune.cv import markdown
+
+    def md(acc):
+        return markdown({"strategy": "frozen", "model": "m", "data": "d", "folds": 5,
+                         "split_seed": 0, "epochs": 20, "runs": [], "label_issues": 30,
+                         "pooled": {"accuracy": acc, "accuracy_ci95": [acc - .01, acc + .01],
+                                    "macro_f1": acc, "macro_f1_ci95": [acc - .01, acc + .01],
+                                    "n_eval": 1000}})
+
+    assert "30 of 1000 rows (3.0%) look mislabelled" in md(0.95)
+    assert "only as good as the model" not in md(0.95)
+    assert "at 78% out-of-fold accuracy" in md(0.78)
