@@ -21,9 +21,9 @@ log = logging.getLogger(__name__)
 WEAK_MODEL = 0.9
 """Out-of-fold accuracy under which cv.md warns that label_issues.csv holds many model errors
 (rt-polarity, frozen 0.775 and full 0.838: the 25 rows listed first were, read one by one,
-right labels the model missed). Accuracy alone cannot tell a weak model from noisy labels (bbc-news with 10% or
-30% of labels flipped: 0.86 and 0.67 against the noisy labels, and 85-95% of the listed rows
-were flipped ones), so this is a caution, not a verdict."""
+right labels the model missed). Accuracy alone cannot tell a weak model from noisy labels
+(bbc-news with 10% or 30% of labels flipped: 0.86 and 0.67 against the noisy labels, and
+85-95% of the listed rows were flipped ones), so this is a caution, not a verdict."""
 
 
 def run_cv(base: RunConfig, folds: int, out: Path, *, progress: bool = True) -> dict:
