@@ -351,19 +351,16 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
     val_data: Encoded | FeatureData = enc["val"]
     feature_seconds = 0.0
     features_cached = 0
-    contrastive = None
-    if hasattr(strategy, "prepare_backbone"):  # (contrastive: the backbone trains on pairs first)
-        if resume:
-            raise UserError(f"--resume: a {strategy.name} run restarts; train it again")
-        contrastive = strategy.prepare_backbone(model, enc["train"], cfg.train, accelerator, out,
-                                                progress)
+    # (contrastive: the backbone trains on pairs first; the other strategies do nothing here)
+    pre = strategy.prepare_backbone(model, enc["train"], cfg.train, accelerator, out, progress,
+                                    resume)
     if strategy.precompute_features:
         from .featcache import FeatureCache
 
         tf = time.perf_counter()
         model.to(device)
         # (a backbone tuned in this run has no features stored anywhere)
-        cache = None if contrastive else FeatureCache.for_backbone(
+        cache = None if pre else FeatureCache.for_backbone(
             src, model, device, amp_dtype(accelerator))
         train_data, val_data = (compute_features(model, enc[s], cfg, device, amp_dtype(accelerator),
                                                  progress, cache) for s in ("train", "val"))
@@ -456,8 +453,7 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
         metrics["temperature"] = round(temperature, 4)
         metrics["ece_before_temperature"] = round(calibration_error(
             y_test, softmax(test_logits.astype(np.float64))), 4)
-    train_seconds = state.train_seconds + feature_seconds + (
-        contrastive["seconds"] if contrastive else 0.0)
+    train_seconds = state.train_seconds + feature_seconds + (pre["seconds"] if pre else 0.0)
     metrics.update({
         "split": "test",
         "splits": splits.split,
@@ -477,7 +473,7 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
         "train_seconds": round(train_seconds, 3),
         "feature_seconds": round(feature_seconds, 3),
         "features_from_cache": features_cached,
-        **({"contrastive_phase": contrastive} if contrastive else {}),
+        **({"contrastive_phase": pre} if pre else {}),
         "train_samples_per_second": round(state.samples / max(train_seconds, 1e-9), 3),
         "total_seconds": round(time.perf_counter() - t0, 3),
         "trainable_params": trainable,

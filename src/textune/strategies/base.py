@@ -30,6 +30,13 @@ class Strategy:
         """Freeze / wrap ``model`` for training; returns the model to train."""
         return model
 
+    def prepare_backbone(self, model: TextClassifier, train, args, accelerator, out: Path,
+                         progress: bool, resume: bool) -> dict | None:
+        """Train the backbone before the main loop, on the training split (an ``Encoded``);
+        returns what it did, for the run's metrics, or None where a strategy has no such phase
+        (all but contrastive)."""
+        return None
+
     def save(self, model: TextClassifier, run_dir: Path) -> None:
         save_head(model, run_dir)
 

@@ -104,14 +104,14 @@ class Contrastive(Frozen):
         return model  # (the backbone trains first, in prepare_backbone; then it is frozen)
 
     def prepare_backbone(self, model: TextClassifier, train, args, accelerator, out: Path,
-                         progress: bool) -> dict:
-        """The contrastive phase: pairs of ``train`` (an ``Encoded`` split) through
-        :func:`textune.loop.fit`; then the backbone is frozen. Returns what it did, for the
-        run's metrics."""
+                         progress: bool, resume: bool) -> dict:
+        """The contrastive phase: pairs of ``train`` (an ``Encoded`` split, one label a row:
+        RunConfig.validate refuses --multi-label) through :func:`textune.loop.fit`; then the
+        backbone is frozen. Returns what it did, for the run's metrics."""
         from .. import loop
 
-        if train.labels is None or train.labels.ndim != 1:
-            raise UserError("--strategy contrastive: needs one label a row (not --multi-label)")
+        if resume:
+            raise UserError(f"--resume: a {self.name} run restarts; train it again")
         o = self.options
         a, b, target = make_pairs(train.labels, o["iterations"], args.seed)
         n_texts = len(train)
