@@ -241,10 +241,19 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
     src = resolve_model(cfg.model.model)
     tokenizer = load_tokenizer(src)
     splits = load_splits(cfg)
+    pool = teacher_info = None
+    if cfg.data.teacher:  # distillation: the teacher labels --unlabelled (teacher.py)
+        from .teacher import label_pool
+
+        pool, pool_targets, splits.labels, teacher_info, teacher_right = label_pool(
+            cfg, splits, out if rank == 0 else None, progress)
+        splits.split["unlabelled"] = len(pool)
     from transformers import AutoConfig
 
     cap = model_max_length(tokenizer, AutoConfig.from_pretrained(src))
-    lengths = text_lengths(tokenizer, splits.train, seed=cfg.split_seed)
+    lengths = text_lengths(tokenizer, splits.train if pool is None else Table(
+        splits.train.texts + pool.texts, None, None if splits.train.pairs is None else
+        splits.train.pairs + pool.pairs, "training texts"), seed=cfg.split_seed)
     if cfg.data.max_length is None:
         cfg.data.max_length = choose_max_length(lengths, cap)
         log.info("max length %d tokens (covers ~99%% of the training texts)", cfg.data.max_length)
@@ -263,6 +272,12 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
     enc = {name: encode(tokenizer, getattr(splits, name), cfg.data.max_length,
                         cfg.data.truncation, splits.labels, cfg.data.max_windows)
            for name in ("train", "val", "test")}
+    if pool is not None:
+        from .teacher import with_targets
+
+        enc["train"] = with_targets(enc["train"], encode(
+            tokenizer, pool, cfg.data.max_length, cfg.data.truncation, None,
+            cfg.data.max_windows), pool_targets, len(splits.labels))
     if cfg.data.truncation == "windows":
         log.info("windows of %d tokens: %s", cfg.data.max_length, ", ".join(
             f"{name} {e.n_rows:,} texts -> {len(e):,}" for name, e in enc.items()))
@@ -322,7 +337,8 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
         cfg.train.epochs = default_epochs(strategy, len(enc["train"]), cfg.train)
     if accelerator.is_main_process and not resume:
         cfg.model.model = resolve_model_key(cfg.model.model)
-        for f in ("data", "val", "test"):  # absolute paths: the run reloads from anywhere
+        for f in ("data", "val", "test", "unlabelled", "teacher"):  # absolute paths: the run
+            # reloads from anywhere
             setattr(cfg.data, f, _data_key(getattr(cfg.data, f)))
         cfg.save(out / "config.json")
         save_labels(splits.labels, out / "labels.json")
@@ -331,7 +347,7 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
     class_weights = None
     multi = cfg.data.multi_label
     y_train = enc["train"].labels
-    counts = y_train.sum(0).astype(np.float64) if multi else \
+    counts = y_train.sum(0).astype(np.float64) if y_train.ndim == 2 else \
         np.bincount(y_train, minlength=len(splits.labels)).astype(np.float64)
     big, small = int(counts.argmax()), int(counts.argmin())
     if cfg.train.class_weights != "auto" and counts[big] >= 5 * counts[small]:
@@ -385,7 +401,8 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
 
     state = loop.fit(model, train_data, val_data, cfg.train, lr=lr, accelerator=accelerator,
                      run_dir=out, evaluate=evaluate, on_best=on_best,
-                     class_weights=class_weights, progress=progress, resume=resume)
+                     class_weights=class_weights, progress=progress, resume=resume,
+                     soft_targets=pool is not None and not multi)
     model = accelerator.unwrap_model(model)
     if best_state:
         model.load_state_dict(best_state, strict=False)
@@ -445,6 +462,15 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
     metrics = held_out_metrics(splits.test, y_test, test_logits / temperature,
                                splits.labels, out if accelerator.is_main_process else None,
                                thresholds=thresholds, label_sep=cfg.data.label_sep)
+    if teacher_info is not None:
+        from .teacher import versus_teacher
+
+        chosen = sigmoid(test_logits) >= (0.5 if thresholds is None else thresholds) \
+            if multi else test_logits.argmax(1)
+        teacher_info["student_minus_teacher"] = vs = versus_teacher(y_test, chosen,
+                                                                    teacher_right)
+        log.info("student - teacher on the test split: %+.4f accuracy [%+.4f, %+.4f]",
+                 vs["difference"], *vs["ci95"])
     if thresholds is not None:
         at_half = classification_metrics(y_test, test_logits, splits.labels)
         metrics["macro_f1_at_0.5"] = round(at_half["macro_f1"], 4)
@@ -474,6 +500,7 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
         "feature_seconds": round(feature_seconds, 3),
         "features_from_cache": features_cached,
         **({"contrastive_phase": pre} if pre else {}),
+        **({"teacher": teacher_info} if teacher_info else {}),
         "train_samples_per_second": round(state.samples / max(train_seconds, 1e-9), 3),
         "total_seconds": round(time.perf_counter() - t0, 3),
         "trainable_params": trainable,

@@ -67,6 +67,14 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exclude-rows", metavar="FILE",
                    help="leave the rows of --data listed in FILE's `row` column (textune cv's "
                         "label_issues.csv) out of training; val/test keep them")
+    g.add_argument("--unlabelled", metavar="FILE",
+                   help="texts without labels (any table format or .txt) for distillation: "
+                        "--teacher labels them and they join the training split")
+    g.add_argument("--teacher", metavar="RUN",
+                   help="a finished train or prompt run (a bigger or slower model) whose "
+                        "probabilities label --unlabelled")
+    g.add_argument("--teacher-targets", default="soft", choices=["soft", "hard"],
+                   help="learn the teacher's probabilities (soft) or its decisions (hard)")
     g.add_argument("--max-length", type=int, help="tokens per text (default: covers ~99%%)")
     g.add_argument("--truncation", default=DataArgs.truncation, choices=TRUNCATIONS,
                    help="texts longer than --max-length: keep the head, the head and tail, or "
@@ -232,6 +240,11 @@ def cmd_train(a) -> int:
     print(_summary(m))
     print(f"train {m['train_seconds']:.1f}s ({m['train_samples_per_second']:.1f} samples/s), "
           f"{m['trainable_params']:,} of {m['total_params']:,} parameters trained")
+    if "teacher" in m:
+        t, vs = m["teacher"], m["teacher"]["student_minus_teacher"]
+        print(f"teacher {t['test_accuracy']:.4f} on the same test rows; this run minus the "
+              f"teacher {vs['difference']:+.4f} [{vs['ci95'][0]:+.4f}, {vs['ci95'][1]:+.4f}]; "
+              f"the pool as it labelled it: teacher_labels.csv")
     print(f"run folder: {cfg.out}  (report.html, metrics.json, the test rows' predictions.csv; "
           f"reload with textune.load)")
     return 0

@@ -29,6 +29,13 @@ class DataArgs:
     """A file with a ``row`` column (``textune cv``'s label_issues.csv): those rows of --data
     are left out of the training split; validation and test keep them, so runs with and without
     it are scored on the same rows."""
+    unlabelled: str | None = None
+    """Texts without labels for the student to learn from: --teacher labels them (see
+    teacher.py); they join the training split only."""
+    teacher: str | None = None
+    """A finished train or prompt run whose probabilities label --unlabelled."""
+    teacher_targets: str = "soft"
+    """soft: learn the teacher's probabilities; hard: its decisions."""
     max_length: int | None = None
     """Tokens per text; default covers ~99% of the data, capped by the model."""
     truncation: str = "head"
@@ -221,6 +228,13 @@ class RunConfig:
             (self.strategy.name != "contrastive" or not d.multi_label,
              "--strategy contrastive needs one label a row; with --multi-label use frozen, "
              "lora or full"),
+            (bool(d.unlabelled) == bool(d.teacher),
+             "--unlabelled and --teacher go together: the teacher (a finished train or prompt "
+             "run) labels the unlabelled texts"),
+            (d.teacher_targets in ("soft", "hard"), "--teacher-targets: choose soft or hard"),
+            (self.strategy.name != "contrastive" or not d.teacher,
+             "--strategy contrastive pairs labelled rows; with --teacher use full, lora, adapter "
+             "or frozen"),
             (self.strategy.name != "contrastive" or not d.text_pair_col,
              "--strategy contrastive pairs single texts; with --text-pair-col use frozen, lora "
              "or full"),

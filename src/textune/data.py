@@ -603,13 +603,16 @@ class Encoded:
                        self.pad_id)
 
     def join(self, other: Encoded) -> Encoded:
-        """These rows, then ``other``'s (both encoded alike, one sequence a text)."""
-        assert self.rows is None and other.rows is None
+        """These rows, then ``other``'s (both encoded alike; windows: ``other``'s texts are
+        numbered after these)."""
+        assert (self.rows is None) == (other.rows is None)
+        rows = None if self.rows is None else np.concatenate(
+            [self.rows, other.rows + (int(self.rows[-1]) + 1 if len(self.rows) else 0)])
         return Encoded(self.input_ids + other.input_ids,
                        None if self.token_type_ids is None else
                        self.token_type_ids + other.token_type_ids,
                        None if self.labels is None else np.concatenate([self.labels, other.labels]),
-                       self.pad_id)
+                       self.pad_id, rows)
 
     @functools.cached_property
     def _widest(self) -> int:

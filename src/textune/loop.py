@@ -7,6 +7,7 @@ validation pass per epoch, best-checkpoint keeping, early stopping and resumable
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -285,13 +286,14 @@ def fit(module: nn.Module, train_data: TrainData, val_data: TrainData | None, ar
         lr: float, accelerator, run_dir: Path, evaluate: Callable[[np.ndarray], dict],
         on_best: Callable[[], None], class_weights: torch.Tensor | None = None,
         progress: bool = True, resume: bool = False,
-        module_returns_loss: bool = False) -> LoopState:
+        module_returns_loss: bool = False, soft_targets: bool = False) -> LoopState:
     """Train ``module`` on ``train_data``; validate each epoch and call ``on_best`` on improvement.
 
     Classification modules return logits (cross-entropy against the batch's ``labels``); with
     ``module_returns_loss`` the module takes ``labels`` itself and returns the loss (pretraining).
 
     ``evaluate`` turns validation logits into a metrics dict with ``macro_f1`` (model selection).
+    ``soft_targets``: the training labels are rows of class probabilities (distillation).
     """
     from tqdm.auto import tqdm
 
@@ -348,8 +350,8 @@ def fit(module: nn.Module, train_data: TrainData, val_data: TrainData | None, ar
     def attention():  # (a fresh context each step: sdpa_kernel's is single-use)
         return varied_shape_attention(accelerator.device) if not args.compile else contextlib.nullcontext()
 
-    graph = GraphedStep.build(module, train_data, args, accelerator, clipped, class_weights,
-                              optimizer)
+    loss_of = functools.partial(classification_loss, weight=class_weights, soft=soft_targets)
+    graph = GraphedStep.build(module, train_data, args, accelerator, clipped, loss_of, optimizer)
     t_start = time.perf_counter() - state.train_seconds
     running = torch.zeros((), device=accelerator.device)
     running_n = 0
@@ -386,7 +388,7 @@ def fit(module: nn.Module, train_data: TrainData, val_data: TrainData | None, ar
                         if module_returns_loss:
                             loss = step_module(**batch, labels=labels)
                         else:
-                            loss = classification_loss(step_module(**batch), labels, class_weights)
+                            loss = loss_of(step_module(**batch), labels)
                     accelerator.backward(loss / group)
                 running += loss.detach()
                 running_n += 1
@@ -475,7 +477,7 @@ class GraphedStep:
     replayed). The learning rates become device tensors that the scheduler fills in place, so
     the graph follows the schedule. A last, smaller batch runs the ordinary way."""
 
-    def __init__(self, module, data: FeatureData, rows: int, clipped, max_norm, weights,
+    def __init__(self, module, data: FeatureData, rows: int, clipped, max_norm, loss_of,
                  optimizer):
         self.rows, self.data = rows, data
         dev = data.features.device
@@ -488,7 +490,7 @@ class GraphedStep:
             g["capturable"] = True
 
         def body():
-            loss = classification_loss(module(features=self.x), self.y, weights)
+            loss = loss_of(module(features=self.x), self.y)
             loss.backward()
             if max_norm:
                 torch.nn.utils.clip_grad_norm_(clipped, max_norm, foreach=True)
@@ -522,7 +524,7 @@ class GraphedStep:
             inner.step()
 
     @classmethod
-    def build(cls, module, data, args: TrainArgs, accelerator, clipped, weights, optimizer):
+    def build(cls, module, data, args: TrainArgs, accelerator, clipped, loss_of, optimizer):
         """A graph where it is safe and pays: cached features on a GPU, one process, no
         accumulation, no fp16 loss scaling, no compilation, AdamW's fused kernel; else None."""
         inner = getattr(optimizer, "optimizer", optimizer)
@@ -534,7 +536,7 @@ class GraphedStep:
         if not ok:
             return None
         try:
-            return cls(module, data, args.batch_size, clipped, args.max_grad_norm, weights,
+            return cls(module, data, args.batch_size, clipped, args.max_grad_norm, loss_of,
                        optimizer)
         except RuntimeError as e:  # capture unsupported here: the ordinary step still works
             log.warning("CUDA graph capture failed (%s); training without it", str(e)[:200])

@@ -309,9 +309,13 @@ class TextClassifier(nn.Module):
         return self.head(features.to(self.head.net[-1].weight.dtype))
 
 
-def classification_loss(logits: torch.Tensor, labels: torch.Tensor, weight=None) -> torch.Tensor:
-    """Cross-entropy over the classes (``weight`` per class); for multi-label 0/1 float
-    targets, binary cross-entropy per tag (``weight``: each tag's positive-row weight)."""
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, weight=None,
+                        soft: bool = False) -> torch.Tensor:
+    """Cross-entropy over the classes (``weight`` per class); ``soft``: against float rows of
+    class probabilities (a teacher's); for multi-label 0/1 (or probability) float targets,
+    binary cross-entropy per tag (``weight``: each tag's positive-row weight)."""
+    if soft:
+        return F.cross_entropy(logits.float(), labels, weight=weight)
     if labels.is_floating_point():
         return F.binary_cross_entropy_with_logits(logits.float(), labels, pos_weight=weight)
     return F.cross_entropy(logits.float(), labels, weight=weight)

@@ -27,7 +27,7 @@ import csv
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -312,6 +312,62 @@ def calibrate(scores: np.ndarray, how: str, content_free: np.ndarray | None = No
     raise UserError(f"--calibrate {how}: choose one of {', '.join(CALIBRATIONS)}")
 
 
+def content_free_scores(scorer: PromptScorer, verbalizers: list[str], demos, kw: dict,
+                        a: PromptArgs) -> np.ndarray:
+    """The label scores of content-free inputs ("N/A", "", "[MASK]"), for ``content-free``."""
+    parts = build_parts(scorer.tok, list(CONTENT_FREE), verbalizers, demos, **kw)
+    return scorer.score(parts, a.batch_size, a.label_score, a.kv_cache)
+
+
+class PromptClassifier:
+    """A finished `textune prompt` run as a classifier of new texts: its model, template,
+    demonstrations, verbalizers and calibration (``mean`` centres each label's scores over the
+    texts scored together). Probabilities are the softmax of the calibrated label scores. The
+    teacher of `train --teacher` (see ``teacher.py``)."""
+
+    multi_label = False
+    thresholds = None
+
+    def __init__(self, run, device: str | None = None):
+        from pathlib import Path
+
+        from .loop import native_bf16
+
+        run = Path(run)
+        cfg = json.loads((run / "config.json").read_text(encoding="utf-8"))
+        self.metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+        self.labels = json.loads((run / "labels.json").read_text(encoding="utf-8"))
+        known = {f.name for f in fields(PromptArgs)}
+        self.args = PromptArgs(**{k: v for k, v in cfg.items() if k in known})
+        verb = self.metrics["verbalizers"]
+        self.verbalizers = [verb[n] for n in self.labels]
+        self.demos = [(d["text"], verb[d["label"]]) for d in self.metrics["demonstrations"]]
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model, tok, _ = load_causal_lm(self.args.model, dev)
+        self.kw = {"template": self.args.template or DEFAULT_TEMPLATE,
+                   "instruction": self.args.instruction, "chat": use_chat(tok, self.args.chat),
+                   "max_text_tokens": self.args.max_length}
+        self.scorer = PromptScorer(model, tok, dev,
+                                   torch.bfloat16 if native_bf16(dev.type) else None)
+        self._cf: np.ndarray | None = None
+
+    def predict_proba(self, texts: list[str], pairs: list[str] | None = None,
+                      batch_size: int | None = None, progress: bool = False) -> np.ndarray:
+        a = self.args
+        if pairs is not None:
+            raise UserError("a prompt run scores single texts, not text pairs")
+        parts = build_parts(self.scorer.tok, list(texts), self.verbalizers, self.demos,
+                            **self.kw)
+        raw = self.scorer.score(parts, batch_size or a.batch_size, a.label_score, a.kv_cache,
+                                progress)
+        if a.calibrate == "content-free" and self._cf is None:
+            self._cf = content_free_scores(self.scorer, self.verbalizers, self.demos, self.kw, a)
+        s = calibrate(raw, a.calibrate, self._cf).astype(np.float64)
+        s -= s.max(1, keepdims=True)
+        p = np.exp(s)
+        return (p / p.sum(1, keepdims=True)).astype(np.float32)
+
+
 # ---------------------------------------------------------------------------------------------
 # the job
 
@@ -393,8 +449,7 @@ def run_prompt(a: PromptArgs, *, progress: bool = True, overwrite: bool = False)
     ts = time.perf_counter()
     raw = scorer.score(parts, a.batch_size, a.label_score, a.kv_cache, progress)
     seconds = time.perf_counter() - ts
-    cf_parts = build_parts(tok, list(CONTENT_FREE), verbalizers, demos, **kw)
-    cf = scorer.score(cf_parts, a.batch_size, a.label_score, a.kv_cache)
+    cf = content_free_scores(scorer, verbalizers, demos, kw, a)
 
     y = np.array([names.index(t) for t in ev.labels])
     results = {how: calibrate(raw, how, cf) for how in CALIBRATIONS}

@@ -256,6 +256,14 @@ def write_report(folder: str | Path, metrics: dict | None = None, title: str | N
             v = metrics[key]
             summary.append([label, json.dumps(v) if isinstance(v, dict) else
                             (f"{v:,}" if isinstance(v, int) else v)])
+    t = metrics.get("teacher")
+    if t:
+        vs = t.get("student_minus_teacher") or {}
+        summary.append(["distilled from", f"{t['run']} ({t.get('model')}, {t.get('strategy')}): "
+                        f"{t['unlabelled_rows']:,} unlabelled texts, {t['targets']} targets; "
+                        f"the teacher's test accuracy {t['test_accuracy']:.4f} on these rows"
+                        + (f", this run minus the teacher {vs['difference']:+.4f} (95% CI "
+                           f"{vs['ci95'][0]:+.4f} to {vs['ci95'][1]:+.4f})" if vs else "")])
     thresholds = metrics.get("thresholds") or []
     per_class = [[n, f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", c["support"],
                   *([f"{thresholds[i]:g}"] if thresholds else [])]
