@@ -90,6 +90,7 @@ def test_student_learns_from_the_teachers_labels(tiny_bert, files, tmp_path):
     assert soft["accuracy"] >= alone["accuracy"] + 0.2, (alone["accuracy"], soft["accuracy"])
     assert runs["hard"]["accuracy"] >= alone["accuracy"] + 0.2
     assert t["unlabelled_rows"] == 380 and t["left_out_as_labelled"] == 20
+    assert t["test_rows_teacher_trained_on"] == 0
     assert t["test_accuracy"] == pytest.approx(teacher["accuracy"], abs=1e-4)  # same test rows
     assert t["student_minus_teacher"]["difference"] == pytest.approx(
         soft["accuracy"] - teacher["accuracy"], abs=1e-4)
@@ -165,3 +166,19 @@ def test_distillation_refusals(tiny_bert, files, tmp_path, capsys):
         assert main(base + extra + ["--out", str(tmp_path / f"r{i}")]) == 2, extra
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err, err
+
+
+def test_a_teacher_that_trained_on_the_test_rows_is_flagged(tiny_bert, files, tmp_path, caplog):
+    """A teacher split with another seed trained on about half the student's test rows: its test
+    score flatters it, and the run says so."""
+    cfg = cfg_for(tiny_bert, files["teacher"], tmp_path / "t", files["test"])
+    cfg.data.test, cfg.train.epochs = None, 1
+    train(cfg, progress=False)  # its own 80/10/10 split of teacher.csv
+    student = cfg_for(tiny_bert, files["teacher"], tmp_path / "s", files["test"],
+                      unlabelled=str(files["pool"]), teacher=str(tmp_path / "t"))
+    student.data.test, student.data.split_seed, student.train.epochs = None, 5, 1
+    m = train(student, progress=False)
+    seen = m["teacher"]["test_rows_teacher_trained_on"]
+    assert 0.3 * m["n_eval"] <= seen < m["n_eval"]  # (its training split: 50% of the rows)
+    assert "in the teacher's training data" in caplog.text
+    assert "flatter the teacher" in (tmp_path / "s" / "report.html").read_text()

@@ -143,6 +143,11 @@ def caveats(metrics: dict) -> list[str]:
         if n:
             out.append(f"{n} of the {splits.get(part)} {part} texts also occur in the training "
                        f"data: the scores overstate how the model does on new text")
+    seen = (metrics.get("teacher") or {}).get("test_rows_teacher_trained_on")
+    if seen:
+        out.append(f"{seen} of the {metrics.get('n_eval')} test texts were in the teacher's "
+                   f"training data: the teacher's test score, and this run's difference to it, "
+                   f"flatter the teacher")
     ci = metrics.get("accuracy_ci95")
     if ci and ci[1] - ci[0] > 2 * WIDE_CI:
         out.append(f"only {metrics['n_eval']} rows were evaluated: accuracy is known to about "

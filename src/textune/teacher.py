@@ -106,6 +106,26 @@ class Teacher:
             os.replace(tmp, file)
         return probs, False
 
+    def trained_on(self) -> set[tuple[str, str | None]] | None:
+        """The texts the teacher learned from (a train run's training split, a prompt run's
+        demonstrations), as ``_key``s; None where its data can no longer be read."""
+        if self.prompt:
+            return {_key(d["text"], None) for d in self.metrics.get("demonstrations", [])}
+        from .api import load_splits
+        from .config import RunConfig
+
+        quiet = logging.getLogger("textune")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # (its data's warnings were shown when it trained)
+        try:
+            train = load_splits(RunConfig.load(self.run / "config.json")).train
+        except (UserError, OSError) as e:
+            log.debug("the teacher's training data could not be read again: %s", e)
+            return None
+        finally:
+            quiet.setLevel(level)
+        return {_key(t, p) for t, p in zip(train.texts, train.pairs or [None] * len(train))}
+
     def release(self) -> None:
         """Free the model's memory (before the student is built)."""
         self._model = None
@@ -204,6 +224,16 @@ def label_pool(cfg, splits, out: Path | None, progress: bool):
                         f"data; pass texts the labelled file does not have")
     log.info("teacher %s labels %s unlabelled texts (and the %d test rows, to compare)",
              d.teacher, f"{len(pool):,}", len(splits.test))
+    seen = teacher.trained_on()
+    overlap = None if seen is None else sum(
+        _key(t, p) in seen for t, p in zip(splits.test.texts, splits.test.pairs or
+                                           [None] * len(splits.test)))
+    if overlap:
+        log.warning("%d of the %d test texts were in the teacher's training data: the "
+                    "teacher's test score overstates it (the student's does not: it never sees "
+                    "them). For a fair comparison train the teacher on the same split (same "
+                    "--data and --split-seed) or pass a --test file it never saw", overlap,
+                    len(splits.test))
     t0 = time.perf_counter()
     probs, cached = teacher.proba(pool.texts, pool.pairs, progress=progress)
     seconds = time.perf_counter() - t0
@@ -219,6 +249,7 @@ def label_pool(cfg, splits, out: Path | None, progress: bool):
         _write_pool(out / TEACHER_LABELS, pool, chosen, probs, names, teacher.multi_label)
     info = {**teacher.describe(), "targets": d.teacher_targets,
             "unlabelled_rows": len(pool), "left_out_as_labelled": dropped,
+            "test_rows_teacher_trained_on": overlap,
             "from_cache": cached, "seconds": round(seconds, 3),
             **({} if cached else {"texts_per_second": round(len(pool) / max(seconds, 1e-9), 1)}),
             "test_accuracy": round(tm["accuracy"], 4), "test_macro_f1": round(tm["macro_f1"], 4),
