@@ -31,6 +31,7 @@ from .data import (
     model_max_length,
     read_table,
     resolve_data,
+    same_text,
     save_labels,
     split_indices,
     text_lengths,
@@ -148,11 +149,11 @@ def load_splits(cfg: RunConfig) -> Splits:
     if n_excluded is not None:
         split["excluded_from_train"] = n_excluded
     # (the split made here keeps duplicates together; files given by the user may overlap)
-    seen = {_same_text(t, p) for t, p in zip(train.texts, train.pairs or [None] * len(train))}
+    seen = {same_text(t, p) for t, p in zip(train.texts, train.pairs or [None] * len(train))}
     for name, given, part in (("val", d.val, val), ("test", d.test, test)):
         if not given:
             continue
-        n = sum(_same_text(t, p) in seen for t, p in zip(part.texts, part.pairs or
+        n = sum(same_text(t, p) in seen for t, p in zip(part.texts, part.pairs or
                                                            [None] * len(part)))
         split[f"{name}_in_train"] = n
         if n:
@@ -213,11 +214,6 @@ def _looks_multi_label(labels: list[str]) -> bool:
     """Whether more than a few labels read as tag lists."""
     sample = labels[:2000]
     return sum(map(_tag_list, sample)) > max(2, len(sample) // 50)
-
-
-def _same_text(text: str, pair: str | None) -> tuple[str, str | None]:
-    """What makes two rows the same text: case and spacing aside."""
-    return " ".join(text.lower().split()), None if pair is None else " ".join(pair.lower().split())
 
 
 def _peak_memory_mb(device: torch.device) -> float:

@@ -57,6 +57,11 @@ class Table:
                      self.label_sep, pick(self.rows))
 
 
+def same_text(text: str, pair: str | None = None) -> tuple[str, str | None]:
+    """What makes two rows the same text: case and spacing aside."""
+    return " ".join(text.lower().split()), None if pair is None else " ".join(pair.lower().split())
+
+
 def resolve_data(spec: str | Path) -> Path:
     """A catalog dataset name or a path to a file -> a local file."""
     from . import hub

@@ -24,14 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import Encoded, Table, read_inputs, resolve_data
+from .data import Encoded, Table, read_inputs, resolve_data, same_text
 from .errors import UserError
 
 log = logging.getLogger(__name__)
 
 TEACHER_LABELS = "teacher_labels.csv"
 """The pool as the teacher labelled it, in the student's run folder (text, label, p_*)."""
-TARGETS = ("soft", "hard")
 
 
 class Teacher:
@@ -108,9 +107,9 @@ class Teacher:
 
     def trained_on(self) -> set[tuple[str, str | None]] | None:
         """The texts the teacher learned from (a train run's training split, a prompt run's
-        demonstrations), as ``_key``s; None where its data can no longer be read."""
+        demonstrations), as ``same_text`` keys; None where its data can no longer be read."""
         if self.prompt:
-            return {_key(d["text"], None) for d in self.metrics.get("demonstrations", [])}
+            return {same_text(d["text"], None) for d in self.metrics.get("demonstrations", [])}
         from .api import load_splits
         from .config import RunConfig
 
@@ -124,7 +123,7 @@ class Teacher:
             return None
         finally:
             quiet.setLevel(level)
-        return {_key(t, p) for t, p in zip(train.texts, train.pairs or [None] * len(train))}
+        return {same_text(t, p) for t, p in zip(train.texts, train.pairs or [None] * len(train))}
 
     def release(self) -> None:
         """Free the model's memory (before the student is built)."""
@@ -147,17 +146,13 @@ def read_pool(path: str, text_col: str | None, pair_col: str | None) -> Table:
     return table
 
 
-def _key(text: str, pair: str | None) -> tuple[str, str | None]:
-    return " ".join(text.split()).lower(), None if pair is None else " ".join(pair.split()).lower()
-
-
 def leave_out_labelled(pool: Table, *labelled: Table) -> tuple[Table, int]:
-    """``pool`` without the texts of the labelled tables (compared as ``load_splits`` does:
-    case and white space ignored); and how many went."""
-    seen = {_key(t, p) for tab in labelled
+    """``pool`` without the texts of the labelled tables (``same_text``: case and white space
+    aside); and how many went."""
+    seen = {same_text(t, p) for tab in labelled
             for t, p in zip(tab.texts, tab.pairs or [None] * len(tab))}
     keep = [i for i, (t, p) in enumerate(zip(pool.texts, pool.pairs or [None] * len(pool)))
-            if _key(t, p) not in seen]
+            if same_text(t, p) not in seen]
     return pool.subset(keep), len(pool) - len(keep)
 
 
@@ -225,9 +220,9 @@ def label_pool(cfg, splits, out: Path | None, progress: bool):
     log.info("teacher %s labels %s unlabelled texts (and the %d test rows, to compare)",
              d.teacher, f"{len(pool):,}", len(splits.test))
     seen = teacher.trained_on()
+    test_pairs = splits.test.pairs or [None] * len(splits.test)
     overlap = None if seen is None else sum(
-        _key(t, p) in seen for t, p in zip(splits.test.texts, splits.test.pairs or
-                                           [None] * len(splits.test)))
+        same_text(t, p) in seen for t, p in zip(splits.test.texts, test_pairs))
     if overlap:
         log.warning("%d of the %d test texts were in the teacher's training data: the "
                     "teacher's test score overstates it (the student's does not: it never sees "
@@ -243,7 +238,7 @@ def label_pool(cfg, splits, out: Path | None, progress: bool):
     from .metrics import classification_metrics
 
     tm = classification_metrics(y_test, teacher_logits(teacher, test_probs), names,
-                                uncertainty=True, thresholds=getattr(teacher, "thresholds", None))
+                                uncertainty=True, thresholds=teacher.thresholds)
     chosen = targets(teacher, probs, "hard")
     if out is not None:
         _write_pool(out / TEACHER_LABELS, pool, chosen, probs, names, teacher.multi_label)
@@ -261,7 +256,6 @@ def label_pool(cfg, splits, out: Path | None, progress: bool):
     right = _right(y_test, test_probs >= teacher.thresholds if teacher.multi_label
                    else test_probs.argmax(1))
     pool_targets = targets(teacher, probs, d.teacher_targets)
-    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return pool, pool_targets, names, info, right
