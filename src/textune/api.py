@@ -325,8 +325,9 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
     plan = memory_plan(model, cfg, accelerator, strategy.name)
     for line in plan.lines():
         log.info(line)
-    log.info("%s on %s: %s of %s parameters train; %d train / %d val / %d test rows",
+    log.info("%s on %s: %s of %s parameters train; %d train%s / %d val / %d test rows",
              strategy.name, device, f"{trainable:,}", f"{total:,}", len(splits.train),
+             "" if pool is None else f" (+ {len(pool):,} labelled by the teacher)",
              len(splits.val), len(splits.test))
 
     if cfg.train.epochs is None:

@@ -78,11 +78,12 @@ class Teacher:
         return self._model
 
     def proba(self, texts: list[str], pairs: list[str] | None = None,
-              progress: bool = False) -> tuple[np.ndarray, bool]:
+              progress: bool = False) -> tuple[np.ndarray, float | None]:
         """The teacher's probabilities for ``texts``, kept in ``$TEXTUNE_HOME/teacher-labels``
         under the teacher run (its folder, and the times of its config and metrics) and the
         texts: a second student of the same teacher and pool (``compare``, ``tune``, another
-        strategy) skips the teacher. Returns them and whether they came from the cache."""
+        strategy) skips the teacher. Returns them and the seconds the teacher took to score
+        them (loading it aside), None when they came from the cache."""
         import hashlib
 
         from . import featcache, hub
@@ -96,14 +97,17 @@ class Teacher:
         if featcache.enabled() and file.exists():
             probs = np.load(file)
             if probs.shape == (len(texts), len(self.labels)):
-                return probs, True
-        probs = self._classifier().predict_proba(texts, pairs, progress=progress)
+                return probs, None
+        clf = self._classifier()
+        t0 = time.perf_counter()
+        probs = clf.predict_proba(texts, pairs, progress=progress)
+        seconds = time.perf_counter() - t0
         if featcache.enabled():
             file.parent.mkdir(parents=True, exist_ok=True)
             tmp = file.with_name(f"{file.stem}.{os.getpid()}.tmp.npy")
             np.save(tmp, probs)
             os.replace(tmp, file)
-        return probs, False
+        return probs, seconds
 
     def trained_on(self) -> set[tuple[str, str | None]] | None:
         """The texts the teacher learned from (a train run's training split, a prompt run's
@@ -229,9 +233,8 @@ def label_pool(cfg, splits, out: Path | None, progress: bool):
                     "them). For a fair comparison train the teacher on the same split (same "
                     "--data and --split-seed) or pass a --test file it never saw", overlap,
                     len(splits.test))
-    t0 = time.perf_counter()
-    probs, cached = teacher.proba(pool.texts, pool.pairs, progress=progress)
-    seconds = time.perf_counter() - t0
+    probs, seconds = teacher.proba(pool.texts, pool.pairs, progress=progress)
+    cached = seconds is None
     test_probs, _ = teacher.proba(splits.test.texts, splits.test.pairs)
     teacher.release()
     y_test = _test_labels(splits.test, names)
@@ -245,8 +248,9 @@ def label_pool(cfg, splits, out: Path | None, progress: bool):
     info = {**teacher.describe(), "targets": d.teacher_targets,
             "unlabelled_rows": len(pool), "left_out_as_labelled": dropped,
             "test_rows_teacher_trained_on": overlap,
-            "from_cache": cached, "seconds": round(seconds, 3),
-            **({} if cached else {"texts_per_second": round(len(pool) / max(seconds, 1e-9), 1)}),
+            "from_cache": cached, **({} if cached else {
+                "seconds": round(seconds, 3),
+                "texts_per_second": round(len(pool) / max(seconds, 1e-9), 1)}),
             "test_accuracy": round(tm["accuracy"], 4), "test_macro_f1": round(tm["macro_f1"], 4),
             "test_accuracy_ci95": tm.get("accuracy_ci95"),
             "pool_label_counts": dict(zip(names, chosen.sum(0).astype(int).tolist()))}
