@@ -140,6 +140,8 @@ def test_a_prompt_run_teaches(causal_lm, tiny_bert, files, tmp_path):
     # the same texts, template, demonstrations and calibration: the prompt run's own accuracy
     y = (pd.read_csv(files["test"])["label"] == "pos").to_numpy()
     assert (p.argmax(1) == y).mean() == pytest.approx(prompted["accuracy"], abs=1e-9)
+    # mean calibration with the run's offsets: a text scores the same alone as among others
+    assert np.allclose(clf.predict_proba(texts[:1]), p[:1], atol=1e-5)
     m = train(cfg_for(tiny_bert, files["few"], tmp_path / "s", files["test"],
                       unlabelled=str(files["pool"]), teacher=str(out)), progress=False)
     assert m["teacher"]["strategy"].startswith("prompt")

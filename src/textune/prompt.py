@@ -321,9 +321,10 @@ def content_free_scores(scorer: PromptScorer, verbalizers: list[str], demos, kw:
 
 class PromptClassifier:
     """A finished `textune prompt` run as a classifier of new texts: its model, template,
-    demonstrations, verbalizers and calibration (``mean`` centres each label's scores over the
-    texts scored together). Probabilities are the softmax of the calibrated label scores. The
-    teacher of `train --teacher` (see ``teacher.py``)."""
+    demonstrations, verbalizers and calibration (``mean``: each label's scores less their mean
+    over the run's evaluated texts, so one text scores the same alone or among others).
+    Probabilities are the softmax of the calibrated label scores. The teacher of
+    `train --teacher` (see ``teacher.py``)."""
 
     multi_label = False
     thresholds = None
@@ -362,7 +363,12 @@ class PromptClassifier:
                                 progress)
         if a.calibrate == "content-free" and self._cf is None:
             self._cf = content_free_scores(self.scorer, self.verbalizers, self.demos, self.kw, a)
-        s = calibrate(raw, a.calibrate, self._cf).astype(np.float64)
+        means = self.metrics.get("mean_label_scores")
+        if a.calibrate == "mean" and means:  # the prompt run's offsets: a text's probabilities
+            s = raw - np.array([means[n] for n in self.labels])  # do not depend on its batch
+        else:  # (a run from before textune kept them: centred on these texts)
+            s = calibrate(raw, a.calibrate, self._cf)
+        s = s.astype(np.float64)
         s -= s.max(1, keepdims=True)
         p = np.exp(s)
         return (p / p.sum(1, keepdims=True)).astype(np.float32)
@@ -464,6 +470,8 @@ def run_prompt(a: PromptArgs, *, progress: bool = True, overwrite: bool = False)
         f"prompt-fewshot ({a.shots} per class)", "calibration": a.calibrate,
         "raw": summary["none"], "calibrations": summary,
         "label_score": a.label_score, "verbalizers": dict(zip(names, verbalizers)),
+        # (`mean` calibration's offsets: new texts are scored with these, not their own mean)
+        "mean_label_scores": dict(zip(names, raw.mean(0).round(6).tolist())),
         "shots": a.shots, "demonstrations": [{"text": t, "label": y_} for t, y_ in demos_named],
         "chat_template": chat, "prefix_tokens": len(parts.prefix),
         "seconds": round(seconds, 3), "examples_per_second": round(len(ev) / max(seconds, 1e-9), 3),
