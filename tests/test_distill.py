@@ -131,9 +131,11 @@ def test_a_prompt_run_teaches(causal_lm, tiny_bert, files, tmp_path):
                  "--test", str(files["test"]), "--labels", "bad,good", "--shots", "2",
                  "--out", str(out), "--quiet"]) == 0
     prompted = json.loads((out / "metrics.json").read_text())
+    from textune import load
     from textune.prompt import PromptClassifier
 
-    clf = PromptClassifier(out)
+    clf = load(out)
+    assert isinstance(clf, PromptClassifier)
     texts = pd.read_csv(files["test"])["text"].tolist()
     p = clf.predict_proba(texts)
     assert p.shape == (300, 2) and np.allclose(p.sum(1), 1, atol=1e-5)
@@ -142,6 +144,17 @@ def test_a_prompt_run_teaches(causal_lm, tiny_bert, files, tmp_path):
     assert (p.argmax(1) == y).mean() == pytest.approx(prompted["accuracy"], abs=1e-9)
     # mean calibration with the run's offsets: a text scores the same alone as among others
     assert np.allclose(clf.predict_proba(texts[:1]), p[:1], atol=1e-5)
+    # the CLI takes the prompt run like a trained one: predict, eval; export refuses it
+    assert main(["predict", str(out), "--input", str(files["test"]), "--output",
+                 str(tmp_path / "pred.csv"), "--quiet"]) == 0
+    pred = pd.read_csv(tmp_path / "pred.csv")
+    assert (pred["predicted_label"] == np.where(p.argmax(1) == 1, "pos", "neg")).all()
+    assert np.allclose(pred["p_pos"], p[:, 1], atol=1e-5)
+    assert main(["eval", str(out), "--data", str(files["teacher"]), "--out",
+                 str(tmp_path / "ev"), "--quiet"]) == 0
+    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert ev["accuracy"] == pytest.approx(prompted["accuracy"], abs=1e-9) and ev["n_eval"] == 300
+    assert main(["export", str(out), "--merge", "--out", str(tmp_path / "x"), "--quiet"]) == 2
     m = train(cfg_for(tiny_bert, files["few"], tmp_path / "s", files["test"],
                       unlabelled=str(files["pool"]), teacher=str(out)), progress=False)
     assert m["teacher"]["strategy"].startswith("prompt")

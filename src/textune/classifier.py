@@ -53,7 +53,77 @@ CALIBRATION = "calibration.json"
 """The run's fitted temperature, or multi-label thresholds (see ``TrainArgs.calibration``)."""
 
 
-class Classifier:
+class Predictor:
+    """What every reloaded run does with texts, whatever computes its scores: a trained run
+    (``Classifier``) or a `textune prompt` run (``prompt.PromptClassifier``). Subclasses set
+    ``labels``, ``config`` (the data settings: text columns, multi-label), ``multi_label``,
+    ``thresholds``, ``temperature``, ``metrics`` and implement ``logits``."""
+
+    labels: list[str]
+    config: RunConfig
+    multi_label: bool = False
+    thresholds: np.ndarray | None = None
+    temperature: float = 1.0
+    metrics: dict | None = None
+
+    def logits(self, texts: list[str], pairs: list[str] | None = None,
+               batch_size: int | None = None, progress: bool = False) -> np.ndarray:
+        raise NotImplementedError
+
+    def predict_proba(self, texts: list[str], pairs: list[str] | None = None,
+                      batch_size: int | None = None, progress: bool = False) -> np.ndarray:
+        """Class probabilities, ``[len(texts), len(labels)]``, columns in ``self.labels`` order
+        (multi-label: each tag's own probability; rows need not sum to 1)."""
+        logits = self.logits(texts, pairs, batch_size, progress)
+        if self.multi_label:
+            return sigmoid(logits)
+        return softmax(logits / self.temperature)
+
+    def decide(self, probs: np.ndarray) -> list[str] | list[list[str]]:
+        """``predict_proba``'s rows -> the label of each (multi-label: the list of its tags
+        at or above their thresholds)."""
+        if self.multi_label:
+            return [[self.labels[j] for j in np.flatnonzero(row)]
+                    for row in probs >= self.thresholds]
+        return [self.labels[i] for i in probs.argmax(-1)]
+
+    def uncertainty(self, probs: np.ndarray) -> np.ndarray:
+        """How unsure each row's decision is, in [0, 1] (1: a coin toss): one minus the margin
+        between the two most probable classes; multi-label: one minus the distance of the tag
+        nearest its threshold, as a share of the room on that side. The rows worth labelling
+        next (uncertainty sampling)."""
+        if self.multi_label:
+            t = np.broadcast_to(self.thresholds, probs.shape)
+            room = np.where(probs >= t, 1 - t, t)
+            return 1 - (np.abs(probs - t) / np.maximum(room, 1e-9)).min(1)
+        if probs.shape[1] < 2:
+            return np.zeros(len(probs))
+        top2 = np.sort(probs, axis=1)[:, -2:]
+        return 1 - (top2[:, 1] - top2[:, 0])
+
+    def predict(self, texts: list[str], pairs: list[str] | None = None,
+                batch_size: int | None = None) -> list[str] | list[list[str]]:
+        """The label of each text; multi-label: the list of each text's tags."""
+        return self.decide(self.predict_proba(texts, pairs, batch_size))
+
+    def scores(self, table: Table, batch_size: int | None = None,
+               progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """A labelled table's labels as indices into ``self.labels`` (multi-label: 0/1 rows),
+        and its logits divided by the run's temperature (their softmax is ``predict_proba``)."""
+        from .data import encode_labels
+
+        assert table.labels is not None
+        y = encode_labels(table.labels, self.labels, table.source)
+        return y, self.logits(table.texts, table.pairs, batch_size, progress) / self.temperature
+
+    def evaluate(self, table: Table, batch_size: int | None = None,
+                 progress: bool = False) -> dict:
+        y, logits = self.scores(table, batch_size, progress)
+        return classification_metrics(y, logits, self.labels, uncertainty=True,
+                                      thresholds=self.thresholds)
+
+
+class Classifier(Predictor):
     """A trained text classifier with its tokenizer, labels and settings."""
 
     CHUNK = 1024
@@ -84,7 +154,7 @@ class Classifier:
                       d.truncation, max_windows=d.max_windows)
 
     def logits(self, texts: list[str], pairs: list[str] | None = None,
-               batch_size: int = 64, progress: bool = False) -> np.ndarray:
+               batch_size: int | None = None, progress: bool = False) -> np.ndarray:
         if isinstance(texts, str):
             raise UserError("predict() takes a list of texts; wrap a single text in a list")
         if pairs is None and self.config.data.text_pair_col:
@@ -92,6 +162,7 @@ class Classifier:
                             f"{self.config.data.text_pair_col!r}): pass pairs= as well")
         if len(texts) == 0:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
+        batch_size = batch_size or 64
         # (windows: the chunked path regroups sequences across chunks, losing a text's windows)
         if self.device.type != "cuda" or len(texts) <= 2 * self.CHUNK or \
                 self.config.data.truncation == "windows":
@@ -154,67 +225,21 @@ class Classifier:
                 bar.update(len(keep))
         return out
 
-    def predict_proba(self, texts: list[str], pairs: list[str] | None = None,
-                      batch_size: int = 64, progress: bool = False) -> np.ndarray:
-        """Class probabilities, ``[len(texts), len(labels)]``, columns in ``self.labels`` order
-        (multi-label: each tag's own probability; rows need not sum to 1)."""
-        logits = self.logits(texts, pairs, batch_size, progress)
-        if self.multi_label:
-            return sigmoid(logits)
-        return softmax(logits / self.temperature)
 
-    def decide(self, probs: np.ndarray) -> list[str] | list[list[str]]:
-        """``predict_proba``'s rows -> the label of each (multi-label: the list of its tags
-        at or above their thresholds)."""
-        if self.multi_label:
-            return [[self.labels[j] for j in np.flatnonzero(row)]
-                    for row in probs >= self.thresholds]
-        return [self.labels[i] for i in probs.argmax(-1)]
-
-    def uncertainty(self, probs: np.ndarray) -> np.ndarray:
-        """How unsure each row's decision is, in [0, 1] (1: a coin toss): one minus the margin
-        between the two most probable classes; multi-label: one minus the distance of the tag
-        nearest its threshold, as a share of the room on that side. The rows worth labelling
-        next (uncertainty sampling)."""
-        if self.multi_label:
-            t = np.broadcast_to(self.thresholds, probs.shape)
-            room = np.where(probs >= t, 1 - t, t)
-            return 1 - (np.abs(probs - t) / np.maximum(room, 1e-9)).min(1)
-        if probs.shape[1] < 2:
-            return np.zeros(len(probs))
-        top2 = np.sort(probs, axis=1)[:, -2:]
-        return 1 - (top2[:, 1] - top2[:, 0])
-
-    def predict(self, texts: list[str], pairs: list[str] | None = None,
-                batch_size: int = 64) -> list[str] | list[list[str]]:
-        """The label of each text; multi-label: the list of each text's tags."""
-        return self.decide(self.predict_proba(texts, pairs, batch_size))
-
-    def scores(self, table: Table, batch_size: int = 64,
-               progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """A labelled table's labels as indices into ``self.labels`` (multi-label: 0/1 rows),
-        and its logits divided by the run's temperature (their softmax is ``predict_proba``)."""
-        from .data import encode_labels
-
-        assert table.labels is not None
-        y = encode_labels(table.labels, self.labels, table.source)
-        return y, self.logits(table.texts, table.pairs, batch_size, progress) / self.temperature
-
-    def evaluate(self, table: Table, batch_size: int = 64, progress: bool = False) -> dict:
-        y, logits = self.scores(table, batch_size, progress)
-        return classification_metrics(y, logits, self.labels, uncertainty=True,
-                                      thresholds=self.thresholds)
-
-
-def load(run_dir: str | Path, device: str | None = None) -> Classifier:
-    """Reload a run folder written by ``textune train``."""
+def load(run_dir: str | Path, device: str | None = None) -> Predictor:
+    """Reload a run folder written by ``textune train`` (a ``Classifier``) or ``textune
+    prompt`` (a ``prompt.PromptClassifier``: the same methods, its model scoring each label)."""
     run = Path(run_dir)
     if not (run / "config.json").exists() or not (run / "labels.json").exists():
         raise UserError(f"{run}: not a textune run folder (no config.json / labels.json); pass "
-                        f"the --out folder of a finished `textune train`")
+                        f"the --out folder of a finished `textune train` or `textune prompt`")
     if json.loads((run / "config.json").read_text()).get("kind") == "prompt":
-        raise UserError(f"{run}: a `textune prompt` folder has no trained weights; its scores "
-                        f"are in predictions.csv (rerun textune prompt on new data)")
+        from .prompt import PromptClassifier
+
+        if not (run / "metrics.json").exists():
+            raise UserError(f"{run}: the prompt run has no metrics.json (did it finish?); run "
+                            f"it to the end first")
+        return PromptClassifier(run, device)
     cfg = RunConfig.load(run / "config.json")
     labels = json.loads((run / "labels.json").read_text(encoding="utf-8"))
     strategy = get_strategy(cfg.strategy.name, **cfg.strategy.options())

@@ -609,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(e)
     e.set_defaults(func=cmd_eval)
 
-    r = sub.add_parser("predict", help="label new texts with a trained run")
+    r = sub.add_parser("predict", help="label new texts with a trained (or prompt) run")
     r.add_argument("run")
     r.add_argument("--input", required=True,
                    help="CSV/TSV/JSONL/Parquet/.xlsx file, a .txt of one text per line, or - "
@@ -619,7 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--jsonl", action="store_true", help="JSONL on stdout")
     r.add_argument("--text-col")
     r.add_argument("--text-pair-col", help="(default: the run's, for a model trained on pairs)")
-    r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--batch-size", type=int,
+                   help="texts per forward pass (default: 64; a prompt run's own)")
     r.add_argument("--min-confidence", type=float, metavar="P",
                    help="label only rows whose top probability is at least P; the others get "
                         "an empty label (their probabilities kept). report.html's 'Accuracy by "

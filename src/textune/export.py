@@ -20,6 +20,10 @@ def export_run(run: str | Path, out: str | Path, merge: bool = True) -> Path:
     from .strategies.base import save_head
 
     run = Path(run)
+    cfg_file = run / "config.json"
+    if cfg_file.exists() and json.loads(cfg_file.read_text()).get("kind") == "prompt":
+        raise UserError(f"{run}: a `textune prompt` run has no trained weights to export; "
+                        f"textune.load / predict / serve take its folder as it is")
     clf = load(run, device="cpu")
     cfg = clf.config
     name = cfg.strategy.name

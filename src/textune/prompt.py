@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
+from .classifier import Predictor
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -319,15 +320,12 @@ def content_free_scores(scorer: PromptScorer, verbalizers: list[str], demos, kw:
     return scorer.score(parts, a.batch_size, a.label_score, a.kv_cache)
 
 
-class PromptClassifier:
-    """A finished `textune prompt` run as a classifier of new texts: its model, template,
+class PromptClassifier(Predictor):
+    """A finished `textune prompt` run as a classifier of new texts (``textune.load`` returns
+    one; `predict`, `eval`, `serve` and `train --teacher` take the run): its model, template,
     demonstrations, verbalizers and calibration (``mean``: each label's scores less their mean
     over the run's evaluated texts, so one text scores the same alone or among others).
-    Probabilities are the softmax of the calibrated label scores. The teacher of
-    `train --teacher` (see ``teacher.py``)."""
-
-    multi_label = False
-    thresholds = None
+    Its logits are the calibrated label scores; probabilities their softmax."""
 
     def __init__(self, run, device: str | None = None):
         from pathlib import Path
@@ -340,6 +338,7 @@ class PromptClassifier:
         self.labels = json.loads((run / "labels.json").read_text(encoding="utf-8"))
         known = {f.name for f in fields(PromptArgs)}
         self.args = PromptArgs(**{k: v for k, v in cfg.items() if k in known})
+        self.config = run_config(self.args)
         verb = self.metrics["verbalizers"]
         self.verbalizers = [verb[n] for n in self.labels]
         self.demos = [(d["text"], verb[d["label"]]) for d in self.metrics["demonstrations"]]
@@ -352,11 +351,15 @@ class PromptClassifier:
                                    torch.bfloat16 if native_bf16(dev.type) else None)
         self._cf: np.ndarray | None = None
 
-    def predict_proba(self, texts: list[str], pairs: list[str] | None = None,
-                      batch_size: int | None = None, progress: bool = False) -> np.ndarray:
+    def logits(self, texts: list[str], pairs: list[str] | None = None,
+               batch_size: int | None = None, progress: bool = False) -> np.ndarray:
         a = self.args
+        if isinstance(texts, str):
+            raise UserError("predict() takes a list of texts; wrap a single text in a list")
         if pairs is not None:
             raise UserError("a prompt run scores single texts, not text pairs")
+        if len(texts) == 0:
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
         parts = build_parts(self.scorer.tok, list(texts), self.verbalizers, self.demos,
                             **self.kw)
         raw = self.scorer.score(parts, batch_size or a.batch_size, a.label_score, a.kv_cache,
@@ -368,10 +371,18 @@ class PromptClassifier:
             s = raw - np.array([means[n] for n in self.labels])  # do not depend on its batch
         else:  # (a run from before textune kept them: centred on these texts)
             s = calibrate(raw, a.calibrate, self._cf)
-        s = s.astype(np.float64)
-        s -= s.max(1, keepdims=True)
-        p = np.exp(s)
-        return (p / p.sum(1, keepdims=True)).astype(np.float32)
+        return s.astype(np.float32)
+
+
+def run_config(a: PromptArgs):
+    """The data settings of a prompt run as a ``RunConfig``: the same splits (and seed) as
+    `textune train` with these arguments."""
+    from .config import DataArgs, ModelArgs, RunConfig, TrainArgs
+
+    return RunConfig(DataArgs(a.data, val=a.val, test=a.test, text_col=a.text_col,
+                              label_col=a.label_col, val_fraction=a.val_fraction,
+                              test_fraction=a.test_fraction, split_seed=a.split_seed),
+                     ModelArgs(a.model), train=TrainArgs(seed=a.seed))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,7 +415,6 @@ def run_prompt(a: PromptArgs, *, progress: bool = True, overwrite: bool = False)
         resolve_model_key,
         seed_everything,
     )
-    from .config import DataArgs, ModelArgs, RunConfig, TrainArgs
     from .data import limit_indices, save_labels
     from .metrics import classification_metrics
 
@@ -419,10 +429,7 @@ def run_prompt(a: PromptArgs, *, progress: bool = True, overwrite: bool = False)
     out = prepare_out_dir(a.out, overwrite)
     t0 = time.perf_counter()
     seed_everything(a.seed)
-    cfg = RunConfig(DataArgs(a.data, val=a.val, test=a.test, text_col=a.text_col,
-                             label_col=a.label_col, val_fraction=a.val_fraction,
-                             test_fraction=a.test_fraction, split_seed=a.split_seed),
-                    ModelArgs(a.model), train=TrainArgs(seed=a.seed))
+    cfg = run_config(a)
     splits = load_splits(cfg)  # the same splits (and seed) as `textune train`
     names = splits.labels
     ev = getattr(splits, a.split)

@@ -67,14 +67,9 @@ class Teacher:
 
     def _classifier(self):
         if self._model is None:
-            if self.prompt:
-                from .prompt import PromptClassifier
+            from .classifier import load
 
-                self._model = PromptClassifier(self.run)
-            else:
-                from .classifier import load
-
-                self._model = load(self.run)
+            self._model = load(self.run)
         return self._model
 
     def proba(self, texts: list[str], pairs: list[str] | None = None,
