@@ -108,6 +108,34 @@ def test_student_learns_from_the_teachers_labels(tiny_bert, files, tmp_path):
     assert textune.load(tmp_path / "soft").predict(["a superb film"]) == ["pos"]
 
 
+def test_two_processes_split_the_teachers_work(tiny_bert, files, tmp_path):
+    """`--num-processes 2`: each process scores half the pool (not all of it), each on its own
+    device, and both train on the whole pool's labels."""
+    import os
+    import subprocess
+    import sys
+
+    teacher = train(cfg_for(tiny_bert, files["teacher"], tmp_path / "t", files["test"]),
+                    progress=False)
+    out = tmp_path / "two"
+    args = ["train", "--model", str(tiny_bert), "--data", str(files["few"]), "--test",
+            str(files["test"]), "--val-fraction", "0.4", "--max-length", "16", "--strategy",
+            "full", "--epochs", "2", "--lr", "1e-3", "--batch-size", "16", "--precision", "fp32",
+            "--teacher", str(tmp_path / "t"), "--unlabelled", str(files["pool"]),
+            "--num-processes", "2", "--out", str(out)]
+    done = subprocess.run([sys.executable, "-m", "textune.cli", *args], capture_output=True,
+                          text=True, timeout=300,
+                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert not m["teacher"]["from_cache"] and m["teacher"]["processes"] == 2
+    assert m["splits"]["unlabelled"] == 380
+    assert m["teacher"]["test_accuracy"] == pytest.approx(teacher["accuracy"], abs=1e-4)
+    pool = pd.read_csv(out / TEACHER_LABELS)  # the halves put back in order
+    expected = textune.load(tmp_path / "t").predict_proba(pool["text"].tolist())
+    assert np.allclose(pool[["p_neg", "p_pos"]], expected, atol=2e-4)
+
+
 @pytest.fixture
 def causal_lm(tiny_llama, tmp_path):
     """The tiny LLaMA with its LM head saved (so every load is the same model)."""

@@ -38,6 +38,7 @@ def test_two_processes_match_one(tiny_bert, toy_csv, tmp_path):
     assert m2["steps"] == m1["steps"]  # same global batches -> same number of optimizer steps
     assert abs(m1["accuracy"] - m2["accuracy"]) <= 0.03, (m1["accuracy"], m2["accuracy"])
     assert "launching 2 processes" in two.stderr
+    assert m1["processes"] == 1 and m2["processes"] == 2  # (two really ran, in one gloo group)
     print("one", m1["accuracy"], m1["steps"], "two", m2["accuracy"], m2["steps"])
     assert m1["accuracy"] > 0.9
     h1 = [json.loads(x) for x in (tmp_path / "one" / "history.jsonl").read_text().splitlines()]

@@ -505,6 +505,7 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
         "peak_memory_mb": round(_peak_memory_mb(device), 1),
         "device": str(device),
         "precision": accelerator.mixed_precision,
+        "processes": accelerator.num_processes,
         "batch_size": cfg.train.batch_size,
         "grad_accum": cfg.train.grad_accum,
         "memory_plan_mb": {k: round(v / 2**20, 1) for k, v in plan.as_dict().items()

@@ -168,7 +168,8 @@ class Classifier(Predictor):
                 self.config.data.truncation == "windows":
             enc = self.encode(texts, pairs)
             return enc.pool(predict_logits(self.model, enc, batch_size, self.device,
-                                           self._amp(), progress=progress, desc="predict"))
+                                           self._amp(), progress=progress, desc="predict",
+                                           shard=False))
         return self._chunked_logits(texts, pairs, batch_size, progress)
 
     def _amp(self) -> torch.dtype | None:
@@ -221,7 +222,7 @@ class Classifier(Predictor):
                     held, held_enc = rows[last], enc.select(last)
                 if len(keep):  # (a chunk smaller than a batch waits whole)
                     out[rows[keep]] = predict_logits(self.model, enc.select(keep), batch_size,
-                                                     self.device, amp)
+                                                     self.device, amp, shard=False)
                 bar.update(len(keep))
         return out
 

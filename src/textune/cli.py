@@ -198,13 +198,17 @@ def launch_processes(a, n: int) -> int:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(port)]
-    cmd += ["--multi_gpu"] if gpus else ["--cpu", "--num_cpu_threads_per_process",
-                                         str(max(1, (os.cpu_count() or 1) // n))]
+    # --multi_gpu is accelerate's torchrun path, on CPUs too: its --cpu flag starts ONE process
+    # (several need mpirun); ACCELERATE_USE_CPU makes each process join a gloo group on the CPU
+    cmd += ["--multi_gpu"]
+    env = {**os.environ, "TEXTUNE_LAUNCHED": "1"}
+    if not gpus:
+        cmd += ["--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // n))]
+        env["ACCELERATE_USE_CPU"] = "true"
     argv = [x for x in a._argv]
     if "--overwrite" in argv:  # the folder is already prepared (and empty)
         argv.remove("--overwrite")
     cmd += ["-m", "textune.cli", *argv]
-    env = {**os.environ, "TEXTUNE_LAUNCHED": "1"}
     log.info("launching %d processes: accelerate launch ... -m textune.cli %s", n,
              " ".join(argv))
     return subprocess.call(cmd, env=env)
@@ -225,7 +229,7 @@ def cmd_train(a) -> int:
             raise UserError(f"--resume {run}: not a textune run folder (no config.json)")
         cfg = RunConfig.load(run / "config.json")
         cfg.out = str(run)
-        m = train(cfg, progress=not a.quiet, resume=True)
+        m = train(cfg, progress=not a.quiet and not rank, resume=True)
     else:
         if not a.data:
             raise UserError("--data is required (a catalog dataset or a file)")
@@ -234,7 +238,7 @@ def cmd_train(a) -> int:
             from .api import prepare_out_dir
 
             prepare_out_dir(cfg.out, True)
-        m = train(cfg, progress=not a.quiet)
+        m = train(cfg, progress=not a.quiet and not rank)
     if rank:
         return 0  # the main process reports
     print(_summary(m))
@@ -787,6 +791,8 @@ def setup_logging(debug: bool) -> None:
                         format="%(levelname).1s %(message)s" if not debug else
                         "%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if os.environ.get("RANK", "0") not in ("", "0") and not debug:
+        logging.getLogger().setLevel(logging.WARNING)  # (--num-processes: the main one tells)
     for noisy in ("httpx", "urllib3", "filelock", "accelerate", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not debug:  # (its retry warnings, each printed twice: its own handler and ours)

@@ -129,6 +129,15 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
+def process_state():
+    """This process's place among those `textune train --num-processes` started (or the only
+    one): accelerate's shared state, the one the Accelerator built later joins."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def build_accelerator(precision: str):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -255,12 +264,14 @@ def inference_outputs(fn, data: TrainData, batches: list[list[int]], device: tor
 @torch.inference_mode()
 def predict_logits(module: nn.Module, data: TrainData, batch_size: int, device: torch.device,
                    amp: torch.dtype | None = None, progress: bool = False,
-                   desc: str = "eval") -> np.ndarray:
-    """Logits for every row, in the data's order (batches sorted by length for speed)."""
+                   desc: str = "eval", shard: bool = True) -> np.ndarray:
+    """Logits for every row, in the data's order (batches sorted by length for speed). In a
+    run of several processes each scores a share of the batches and all get every row
+    (``shard=False``: this process scores them all, as a reloaded ``Classifier`` does)."""
     was_training = module.training
     module.eval()
     batches = inference_batches(data, batch_size, device)
-    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    dist = shard and torch.distributed.is_available() and torch.distributed.is_initialized()
     world = torch.distributed.get_world_size() if dist else 1
     if world > 1:  # each process scores its share of the batches; gathered below
         batches = batches[torch.distributed.get_rank()::world]
@@ -429,7 +440,10 @@ def fit(module: nn.Module, train_data: TrainData, val_data: TrainData | None, ar
             state.epoch, state.batch_in_epoch = epoch + 1, 0
             state.train_seconds = time.perf_counter() - t_start
             if val_data is not None:
-                logits = predict_logits(module, val_data, args.eval_batch_size, accelerator.device,
+                # (the unwrapped module: a DDP forward syncs buffers with the other processes,
+                # which deadlocks once one of them has scored its share and waits to gather)
+                logits = predict_logits(accelerator.unwrap_model(module), val_data,
+                                        args.eval_batch_size, accelerator.device,
                                         amp_dtype(accelerator))
                 m = evaluate(logits)
                 rec = {"epoch": epoch + 1, "step": state.step, "val_accuracy": m["accuracy"],

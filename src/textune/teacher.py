@@ -64,12 +64,18 @@ class Teacher:
             self.thresholds = np.array([t[n] for n in self.labels]) if t else \
                 np.full(len(self.labels), 0.5)
         self._model = None
+        self.processes = 1
+        """How many processes scored the texts (`--num-processes`: each a share of them)."""
 
     def _classifier(self):
         if self._model is None:
             from .classifier import load
+            from .loop import process_state
 
-            self._model = load(self.run)
+            # (with several processes, each on its own device: not all on the first GPU)
+            state = process_state()
+            self._model = load(self.run, device=str(state.device)
+                               if state.num_processes > 1 else None)
         return self._model
 
     def proba(self, texts: list[str], pairs: list[str] | None = None,
@@ -93,16 +99,42 @@ class Teacher:
             probs = np.load(file)
             if probs.shape == (len(texts), len(self.labels)):
                 return probs, None
-        clf = self._classifier()
-        t0 = time.perf_counter()
-        probs = clf.predict_proba(texts, pairs, progress=progress)
-        seconds = time.perf_counter() - t0
-        if featcache.enabled():
+        probs, seconds, main = self._score(texts, pairs, progress)
+        if featcache.enabled() and main:
             file.parent.mkdir(parents=True, exist_ok=True)
             tmp = file.with_name(f"{file.stem}.{os.getpid()}.tmp.npy")
             np.save(tmp, probs)
             os.replace(tmp, file)
         return probs, seconds
+
+    def _score(self, texts: list[str], pairs: list[str] | None,
+               progress: bool) -> tuple[np.ndarray, float, bool]:
+        """The teacher's probabilities; with several processes (`--num-processes`) each scores
+        every n-th text and all of them get the whole. Returns them, the seconds scoring took
+        (the slowest process's) and whether this is the main process."""
+        from .loop import process_state
+
+        state = process_state()
+        clf = self._classifier()
+        n, rank = state.num_processes, state.process_index
+        self.processes = n
+        mine = slice(rank, None, n)
+        if n > 1 and rank == 0:
+            log.info("the teacher scores %s texts on each of %d processes",
+                     f"{len(texts[mine]):,}", n)
+        t0 = time.perf_counter()
+        probs = clf.predict_proba(texts[mine], pairs[mine] if pairs else None,
+                                  progress=progress and state.is_main_process)
+        seconds = time.perf_counter() - t0
+        if n > 1:
+            from accelerate.utils import gather_object
+
+            parts = gather_object([(rank, probs, seconds)])
+            probs = np.empty((len(texts), len(self.labels)), dtype=np.float32)
+            for r, p, _ in parts:
+                probs[r::n] = p
+            seconds = max(x for _, _, x in parts)
+        return probs, seconds, state.is_main_process
 
     def trained_on(self) -> set[tuple[str, str | None]] | None:
         """The texts the teacher learned from (a train run's training split, a prompt run's
@@ -244,7 +276,7 @@ def label_pool(cfg, splits, out: Path | None, progress: bool):
             "unlabelled_rows": len(pool), "left_out_as_labelled": dropped,
             "test_rows_teacher_trained_on": overlap,
             "from_cache": cached, **({} if cached else {
-                "seconds": round(seconds, 3),
+                "seconds": round(seconds, 3), "processes": teacher.processes,
                 "texts_per_second": round(len(pool) / max(seconds, 1e-9), 1)}),
             "test_accuracy": round(tm["accuracy"], 4), "test_macro_f1": round(tm["macro_f1"], 4),
             "test_accuracy_ci95": tm.get("accuracy_ci95"),

@@ -129,10 +129,14 @@ class Contrastive(Frozen):
         folder = out / PAIR_DIR
         folder.mkdir(parents=True, exist_ok=True)
         model.to(accelerator.device)
+        # the head has no part in this phase (its parameters would get no gradient, which
+        # DistributedDataParallel refuses with several processes): it waits, untouched
+        freeze(model.head)
         loop.fit(SimilarityLoss(model), PairData(train, a, b, target), None, pair_args,
                  lr=o["body_lr"], accelerator=accelerator, run_dir=folder,
                  evaluate=lambda _: {}, on_best=lambda: None, progress=progress,
                  module_returns_loss=True)
+        model.head.requires_grad_(True)
         shutil.rmtree(folder / loop.CKPT, ignore_errors=True)  # (history.jsonl stays)
         freeze(model.backbone)
         model.backbone.eval()
