@@ -40,6 +40,29 @@ def test_compare_writes_table_json_chart_and_survives_a_failure(tiny_bert, toy_c
     assert "accuracy_vs_best" not in rows[1] and "| best |" in md and " pts [" in md
 
 
+def test_each_run_gets_todays_environment_and_folder(tiny_bert, toy_csv, tmp_path, monkeypatch):
+    """Runs fork from a fork server that lives as long as this process (across tests): each
+    must see the environment and working folder of the moment it starts, not the server's."""
+    from textune.compare import train_in_subprocess
+    from textune.config import DataArgs, ModelArgs, RunConfig, StrategyArgs, TrainArgs
+
+    def cfg(out):  # (a relative --data: read from the working folder)
+        return RunConfig(DataArgs("toy.csv", max_length=16), ModelArgs(str(tiny_bert)),
+                         StrategyArgs("frozen"), TrainArgs(epochs=1, seed=0), str(out))
+
+    monkeypatch.chdir(toy_csv.parent)
+    assert train_in_subprocess(cfg(tmp_path / "a"), False)[0] == "ok"  # (the server runs now)
+    home = tmp_path / "another-home"
+    monkeypatch.setenv("TEXTUNE_HOME", str(home))
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "toy.csv").write_text(toy_csv.read_text())
+    monkeypatch.chdir(other)
+    status, m = train_in_subprocess(cfg(tmp_path / "b"), False)
+    assert status == "ok" and m["features_from_cache"] == 0
+    assert list((home / "features").iterdir())  # its features went to today's TEXTUNE_HOME
+
+
 def test_compare_over_seeds_shares_the_splits(tiny_bert, toy_csv, tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["compare", "--model", str(tiny_bert), "--data", str(toy_csv), "--strategies",
