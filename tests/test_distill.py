@@ -183,6 +183,8 @@ def test_a_prompt_run_teaches(causal_lm, tiny_bert, files, tmp_path):
     ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert ev["accuracy"] == pytest.approx(prompted["accuracy"], abs=1e-9) and ev["n_eval"] == 300
     assert main(["export", str(out), "--merge", "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert main(["predict", str(out), "--input", str(files["test"]), "--truncation", "windows",
+                 "--quiet"]) == 2  # (a prompt reads heads)
     m = train(cfg_for(tiny_bert, files["few"], tmp_path / "s", files["test"],
                       unlabelled=str(files["pool"]), teacher=str(out)), progress=False)
     assert m["teacher"]["strategy"].startswith("prompt")

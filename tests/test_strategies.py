@@ -1,5 +1,6 @@
 """Each strategy on tiny models: what trains, that it learns, and that reloading is exact."""
 
+import json
 import os
 
 import numpy as np
@@ -430,3 +431,14 @@ def test_windows_read_past_max_length(strategy, tiny_bert, toy_csv, tmp_path):
         tmp_path / "windows" / "config.json")).test
     assert clf.evaluate(table)["accuracy"] == pytest.approx(w["accuracy"], abs=1e-9)
     assert clf.predict_proba(["the film was a movie plot and it story " + "good"]).shape == (1, 2)
+    # the head run read in windows at prediction time (eval/predict --truncation windows)
+    from textune.cli import main
+
+    ev = tmp_path / "head-eval"
+    assert main(["eval", str(tmp_path / "head"), "--data", str(toy_csv), "--truncation",
+                 "windows", "--out", str(ev), "--quiet"]) == 0
+    m = json.loads((ev / "metrics.json").read_text())
+    assert m["truncation"] == "windows" and m["n_eval"] == res["head"]["n_eval"]
+    # the same weights now see cue words past the head (measured: full 0.92 -> 0.95, frozen
+    # 0.69 -> 0.73; the run trained on windows does better still)
+    assert m["accuracy"] > res["head"]["accuracy"]

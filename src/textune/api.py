@@ -719,18 +719,22 @@ def _backbone_features(model, data: Encoded, cfg: RunConfig, device, amp, progre
 
 def evaluate_run(run: str | Path, data: str, out: str | Path | None = None, *,
                  split: str = "auto", text_col=None, label_col=None, pair_col=None,
+                 truncation: str | None = None, max_windows: int | None = None,
                  progress: bool = True) -> dict:
     """Metrics of a saved run on labelled data.
 
     ``split='auto'``: if ``data`` is the run's own training data, only its held-out test split
     (recomputed from the saved seed and fractions) is scored, so training rows never inflate
     the result; any other data is scored in full. ``'test'``, ``'val'``, ``'all'`` force it.
+    ``truncation`` / ``max_windows``: read long texts another way than the run was trained
+    (``Predictor.read_as``).
     """
     if split not in ("auto", "test", "val", "all"):
         raise UserError(f"--split {split}: choose auto, test, val or all")
     if out and Path(out).exists() and any(Path(out).iterdir()):
         raise UserError(f"--out {out}: folder exists and is not empty; choose a new folder")
     clf: Classifier = load(run)
+    clf.read_as(truncation, max_windows)
     cfg = clf.config
     same = _data_key(data) == _data_key(cfg.data.data)
     if split in ("test", "val") and not same:
@@ -753,6 +757,7 @@ def evaluate_run(run: str | Path, data: str, out: str | Path | None = None, *,
     metrics = held_out_metrics(table, y, logits, clf.labels, o, thresholds=clf.thresholds,
                                label_sep=cfg.data.label_sep)
     metrics.update({"split": split_name, "run": str(run), "seconds": round(secs, 3),
+                    "truncation": cfg.data.truncation,
                     "examples_per_second": round(len(table) / secs, 2)})
     if o:
         (o / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")

@@ -70,6 +70,25 @@ class Predictor:
                batch_size: int | None = None, progress: bool = False) -> np.ndarray:
         raise NotImplementedError
 
+    def read_as(self, truncation: str | None, max_windows: int | None = None) -> None:
+        """Read texts past the run's max length another way than in training (``predict`` /
+        ``eval --truncation``): ``windows`` scores a long text by the mean of its windows'
+        logits, which helped a run trained on heads (docs/BENCHMARKS.md, "Long texts")."""
+        from .data import TRUNCATIONS
+
+        if truncation is None and max_windows is None:
+            return
+        if truncation is not None and truncation not in TRUNCATIONS:
+            raise UserError(f"--truncation {truncation}: choose {', '.join(TRUNCATIONS)}")
+        if max_windows is not None and max_windows < 1:
+            raise UserError(f"--max-windows {max_windows}: must be 1 or more")
+        if self.config.data.text_pair_col and truncation == "windows":
+            from .data import NO_WINDOWS_FOR_PAIRS
+
+            raise UserError(NO_WINDOWS_FOR_PAIRS)
+        self.config.data.truncation = truncation or self.config.data.truncation
+        self.config.data.max_windows = max_windows or self.config.data.max_windows
+
     def predict_proba(self, texts: list[str], pairs: list[str] | None = None,
                       batch_size: int | None = None, progress: bool = False) -> np.ndarray:
         """Class probabilities, ``[len(texts), len(labels)]``, columns in ``self.labels`` order

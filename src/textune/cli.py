@@ -259,7 +259,8 @@ def cmd_eval(a) -> int:
 
     m = evaluate_run(a.run, a.data, a.out, split=a.split, text_col=a.text_col,
                      label_col=a.label_col,
-                     pair_col=a.text_pair_col, progress=not a.quiet)
+                     pair_col=a.text_pair_col, truncation=a.truncation,
+                     max_windows=a.max_windows, progress=not a.quiet)
     print(_summary(m))
     if a.out:
         print(f"metrics: {Path(a.out) / 'metrics.json'}, every row: "
@@ -284,6 +285,7 @@ def cmd_predict(a) -> int:
     if a.output:
         check_writable(a.output)
     clf = load(a.run)
+    clf.read_as(a.truncation, a.max_windows)
     if a.min_confidence is not None and clf.multi_label:
         raise UserError("--min-confidence: this run is multi-label, where each tag has its own "
                         "threshold; use --uncertain N to find the rows to check")
@@ -610,6 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text-col")
     e.add_argument("--label-col")
     e.add_argument("--text-pair-col")
+    read_as_args(e)
     common(e)
     e.set_defaults(func=cmd_eval)
 
@@ -633,6 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only the N rows the run is least sure of, most unsure first, with an "
                         "uncertainty column and the input row: the rows worth labelling next")
     r.add_argument("--overwrite", action="store_true")
+    read_as_args(r)
     common(r)
     r.set_defaults(func=cmd_predict)
 
@@ -784,6 +788,15 @@ def build_parser() -> argparse.ArgumentParser:
     common(lp)
     lp.set_defaults(func=cmd_list)
     return p
+
+
+def read_as_args(p) -> None:
+    """predict's and eval's way to read long texts, when not the run's own."""
+    p.add_argument("--truncation", choices=TRUNCATIONS,
+                   help="texts longer than the run's max length (default: as in training); "
+                        "windows: the mean of the whole text's windows, which can help a run "
+                        "trained on heads")
+    p.add_argument("--max-windows", type=int, help="--truncation windows: at most this many")
 
 
 def setup_logging(debug: bool) -> None:

@@ -351,6 +351,11 @@ class PromptClassifier(Predictor):
                                    torch.bfloat16 if native_bf16(dev.type) else None)
         self._cf: np.ndarray | None = None
 
+    def read_as(self, truncation: str | None, max_windows: int | None = None) -> None:
+        if truncation is not None or max_windows is not None:
+            raise UserError("--truncation / --max-windows: a prompt run reads each text's "
+                            "first --max-length tokens; rerun textune prompt with a larger one")
+
     def logits(self, texts: list[str], pairs: list[str] | None = None,
                batch_size: int | None = None, progress: bool = False) -> np.ndarray:
         a = self.args
