@@ -832,7 +832,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"textune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("textune: interrupted", file=sys.stderr)
+        if os.environ.get("RANK", "0") in ("", "0"):  # (--num-processes: said once)
+            print("textune: interrupted", file=sys.stderr)
         return 130
 
 

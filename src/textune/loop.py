@@ -472,8 +472,9 @@ def fit(module: nn.Module, train_data: TrainData, val_data: TrainData | None, ar
         state.epoch, state.batch_in_epoch = safe
         state.train_seconds = time.perf_counter() - t_start
         save_checkpoint(run_dir, accelerator, module, optimizer, schedule, state)
-        log.warning("interrupted at step %d: checkpoint saved; continue with "
-                    "`textune train --resume %s`", state.step, run_dir)
+        if accelerator.is_main_process:
+            log.warning("interrupted at step %d: checkpoint saved; continue with "
+                        "`textune train --resume %s`", state.step, run_dir)
         raise
     finally:
         fast.restore()
