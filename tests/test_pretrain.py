@@ -204,6 +204,29 @@ def test_continue_a_checkpoint_without_heads_says_so(tiny_bert, corpus, tmp_path
     assert "initialised" in caplog.text
 
 
+def test_pretrain_in_two_processes(corpus, tmp_path):
+    """--num-processes 2: one tokenizer and token cache (built by the main process first), the
+    steps of one process's global batch, one encoder written."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "pt2"
+    args = ["pretrain", "--corpus", str(corpus), "--init", "scratch", "--vocab-size", "300",
+            "--size", "tiny", "--max-length", "64", "--epochs", "6", "--lr", "2e-3",
+            "--batch-size", "8", "--eval-fraction", "0.2", "--precision", "fp32",
+            "--num-processes", "2", "--out", str(out), "--quiet"]
+    done = subprocess.run([sys.executable, "-m", "textune.cli", *args], capture_output=True,
+                          text=True, timeout=300,
+                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["processes"] == 2
+    assert m["steps"] == 6 * -(-m["train_examples"] // 8)  # the global batch is kept
+    assert m["eval_mlm_loss_after"] < 0.9 * m["eval_mlm_loss_before"]
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["BertModel"]
+
+
 def test_pretrain_bad_input(tmp_path, capsys):
     code = main(["pretrain", "--corpus", str(tmp_path / "missing.txt"), "--init", "scratch",
                  "--out", str(tmp_path / "o")])

@@ -460,6 +460,11 @@ def cmd_pretrain(a) -> int:
 
     from .pretrain import PretrainArgs, pretrain
 
+    if a.num_processes < 1:
+        raise UserError(f"--num-processes {a.num_processes}: must be 1 or more")
+    if a.num_processes > 1 and not os.environ.get("TEXTUNE_LAUNCHED"):
+        return launch_processes(a, a.num_processes)
+    rank = int(os.environ.get("RANK", "0"))
     if a.resume:
         args_file = Path(a.resume) / "pretrain_args.json"
         if not args_file.exists():
@@ -481,7 +486,10 @@ def cmd_pretrain(a) -> int:
         if not a.out:
             raise UserError("--out DIR is required: the folder the encoder is written to")
         pa = PretrainArgs(**kw)
-    m = pretrain(pa, progress=not a.quiet, resume=bool(a.resume), overwrite=a.overwrite)
+    m = pretrain(pa, progress=not a.quiet and not rank, resume=bool(a.resume),
+                 overwrite=a.overwrite and not rank)
+    if rank:
+        return 0  # the main process reports
     ratio = m["eval_mlm_loss_after"] / max(m["eval_mlm_loss_before"], 1e-9)
     print(f"held-out MLM loss {m['eval_mlm_loss_before']:.4f} -> {m['eval_mlm_loss_after']:.4f} "
           f"(x{ratio:.3f}); perplexity {m['eval_perplexity_before']:.1f} -> "
@@ -746,6 +754,9 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--out")
     pt.add_argument("--overwrite", action="store_true")
     pt.add_argument("--resume", metavar="DIR", help="continue an interrupted pretrain run")
+    pt.add_argument("--num-processes", type=int, default=1,
+                    help="data-parallel processes (one per GPU) through Accelerate; "
+                         "--batch-size stays the rows per optimizer step over all of them")
     common(pt)
     pt.set_defaults(func=cmd_pretrain)
 

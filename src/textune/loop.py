@@ -473,8 +473,9 @@ def fit(module: nn.Module, train_data: TrainData, val_data: TrainData | None, ar
         state.train_seconds = time.perf_counter() - t_start
         save_checkpoint(run_dir, accelerator, module, optimizer, schedule, state)
         if accelerator.is_main_process:
+            job = "pretrain" if (run_dir / "pretrain_args.json").exists() else "train"
             log.warning("interrupted at step %d: checkpoint saved; continue with "
-                        "`textune train --resume %s`", state.step, run_dir)
+                        "`textune %s --resume %s`", state.step, job, run_dir)
         raise
     finally:
         fast.restore()

@@ -652,25 +652,31 @@ def pretrain(a: PretrainArgs, *, progress: bool = True, resume: bool = False,
     if a.max_length < 16:
         raise UserError("--max-length must be >= 16")
     files = corpus_files(a.corpus)
-    out = Path(a.out) if resume else prepare_out_dir(a.out, overwrite)
+    from .loop import process_state
+
+    proc = process_state()  # (--num-processes: the main process writes, the others read)
+    main = proc.is_main_process
+    # with several processes the launcher prepared the folder
+    out = Path(a.out) if resume or not main else prepare_out_dir(a.out, overwrite)
     seed_everything(a.seed)
     t0 = time.perf_counter()
 
-    src = None
-    if resume and (out / "tokenizer-init").exists():
-        tokenizer = load_tokenizer(str(out / "tokenizer-init"))
-    elif a.init == "scratch":
-        log.info("learning a %d-token WordPiece vocabulary from the corpus", a.vocab_size)
-        tokenizer = train_wordpiece(files, a.vocab_size, out / "tokenizer-init")
-    else:
-        src = resolve_model(a.model)
-        tokenizer = load_tokenizer(src)
-        tokenizer.save_pretrained(out / "tokenizer-init")
-    if resume and a.init == "scratch":
-        src = None
-
-    cache_dir = hub.home() / "pretrain-cache" / cache_key(files, tokenizer, a.whole_word_masking)
-    cache = TokenCache.build(files, tokenizer, cache_dir, a.whole_word_masking, progress)
+    # the weights to continue (a resumed run too: its checkpoint then replaces them)
+    src = resolve_model(a.model) if a.init == "pretrained" else None
+    with proc.main_process_first():  # the tokenizer and token cache are built once
+        if (resume or not main) and (out / "tokenizer-init").exists():
+            tokenizer = load_tokenizer(str(out / "tokenizer-init"))
+        elif a.init == "scratch":
+            log.info("learning a %d-token WordPiece vocabulary from the corpus", a.vocab_size)
+            tokenizer = train_wordpiece(files, a.vocab_size, out / "tokenizer-init")
+        else:
+            tokenizer = load_tokenizer(src)
+            if main:
+                tokenizer.save_pretrained(out / "tokenizer-init")
+        cache_dir = hub.home() / "pretrain-cache" / cache_key(files, tokenizer,
+                                                              a.whole_word_masking)
+        cache = TokenCache.build(files, tokenizer, cache_dir, a.whole_word_masking,
+                                 progress and main)
     m = cache.meta
     log.info("corpus: %s documents, %s sentences, %s tokens (cache %s)", f"{m['documents']:,}",
              f"{m['sentences']:,}", f"{m['tokens']:,}", cache_dir)
@@ -705,7 +711,7 @@ def pretrain(a: PretrainArgs, *, progress: bool = True, resume: bool = False,
     wrapped.to(device)
     before = wrapped.evaluate(eval_data, 64, device, amp_dtype(accelerator)) if not resume \
         else json.loads((out / "eval_before.json").read_text())
-    if not resume:
+    if not resume and main:
         (out / "eval_before.json").write_text(json.dumps(before) + "\n")
         (out / "pretrain_args.json").write_text(json.dumps(asdict(a), indent=2) + "\n")
     log.info("held-out MLM loss before: %.4f (perplexity %.1f)%s", before["mlm_loss"],
@@ -724,35 +730,37 @@ def pretrain(a: PretrainArgs, *, progress: bool = True, resume: bool = False,
              after["perplexity"], f", NSP accuracy {after['nsp_accuracy']:.3f}"
              if "nsp_accuracy" in after else "")
 
-    if accelerator.is_main_process:
+    metrics = {
+        "objective": a.objective, "init": a.init, "model": a.model,
+        "whole_word_masking": a.whole_word_masking,
+        "eval_mlm_loss_before": round(before["mlm_loss"], 5),
+        "eval_mlm_loss_after": round(after["mlm_loss"], 5),
+        "eval_perplexity_before": round(before["perplexity"], 3),
+        "eval_perplexity_after": round(after["perplexity"], 3),
+        "eval_masked_tokens": after["masked_tokens"],
+        "eval_examples": len(eval_data),
+        "steps": state.step, "epochs_run": state.epoch,
+        "train_seconds": round(state.train_seconds, 3),
+        "train_samples_per_second": round(state.samples / max(state.train_seconds, 1e-9), 3),
+        "train_examples": len(train_data), "corpus": {k: m[k] for k in
+                                                      ("documents", "sentences", "tokens")},
+        "heads_initialised": initialised, "peak_memory_mb": round(_peak_memory_mb(device), 1),
+        "device": str(device), "precision": accelerator.mixed_precision,
+        "processes": accelerator.num_processes,
+        "total_seconds": round(time.perf_counter() - t0, 3),
+        "total_params": sum(p.numel() for p in wrapped.parameters()),
+    }
+    if nsp:
+        metrics["eval_nsp_accuracy_before"] = round(before.get("nsp_accuracy", 0.0), 4)
+        metrics["eval_nsp_accuracy"] = round(after.get("nsp_accuracy", 0.0), 4)
+    if main:
         # the output is an encoder textune train fine-tunes directly: heads dropped
         enc = encoder_of(wrapped.model)
         enc.config.architectures = [type(enc).__name__]
         enc.save_pretrained(out)
         tokenizer.save_pretrained(out)
-        metrics = {
-            "objective": a.objective, "init": a.init, "model": a.model,
-            "whole_word_masking": a.whole_word_masking,
-            "eval_mlm_loss_before": round(before["mlm_loss"], 5),
-            "eval_mlm_loss_after": round(after["mlm_loss"], 5),
-            "eval_perplexity_before": round(before["perplexity"], 3),
-            "eval_perplexity_after": round(after["perplexity"], 3),
-            "eval_masked_tokens": after["masked_tokens"],
-            "eval_examples": len(eval_data),
-            "steps": state.step, "epochs_run": state.epoch,
-            "train_seconds": round(state.train_seconds, 3),
-            "train_samples_per_second": round(state.samples / max(state.train_seconds, 1e-9), 3),
-            "train_examples": len(train_data), "corpus": {k: m[k] for k in
-                                                          ("documents", "sentences", "tokens")},
-            "heads_initialised": initialised, "peak_memory_mb": round(_peak_memory_mb(device), 1),
-            "device": str(device), "precision": accelerator.mixed_precision,
-            "total_seconds": round(time.perf_counter() - t0, 3),
-            "total_params": sum(p.numel() for p in wrapped.parameters()),
-        }
-        if nsp:
-            metrics["eval_nsp_accuracy_before"] = round(before.get("nsp_accuracy", 0.0), 4)
-            metrics["eval_nsp_accuracy"] = round(after.get("nsp_accuracy", 0.0), 4)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False)
+                                          + "\n")
         from .loop import CKPT
 
         shutil.rmtree(out / CKPT, ignore_errors=True)
