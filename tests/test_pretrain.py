@@ -204,6 +204,37 @@ def test_continue_a_checkpoint_without_heads_says_so(tiny_bert, corpus, tmp_path
     assert "initialised" in caplog.text
 
 
+def test_continued_pretraining_resumes_from_its_checkpoint(tiny_bert, corpus, tmp_path,
+                                                           monkeypatch):
+    """A pretrain of a pretrained model, crashed after a checkpoint, resumes to the same end as
+    an uninterrupted run (it used to rebuild a scratch-shaped BERT and refuse the checkpoint)."""
+    import textune.loop as loop
+
+    def run(out, *extra):
+        return main(["pretrain", "--corpus", str(corpus), "--model", str(tiny_bert),
+                     "--max-length", "32", "--epochs", "2", "--batch-size", "4", "--save-every",
+                     "3", "--precision", "fp32", "--out", str(out), "--quiet", *extra])
+
+    assert run(tmp_path / "ref") == 0
+    real_save, saves = loop.save_checkpoint, []
+
+    def crash_after_second_save(*a, **k):
+        real_save(*a, **k)
+        saves.append(1)
+        if len(saves) == 2:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(loop, "save_checkpoint", crash_after_second_save)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run(tmp_path / "run")
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    assert main(["pretrain", "--resume", str(tmp_path / "run"), "--quiet"]) == 0
+    ref = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    got = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert got["steps"] == ref["steps"] and got["total_params"] == ref["total_params"]
+    assert got["eval_mlm_loss_after"] == pytest.approx(ref["eval_mlm_loss_after"], rel=1e-3)
+
+
 def test_pretrain_in_two_processes(corpus, tmp_path):
     """--num-processes 2: one tokenizer and token cache (built by the main process first), the
     steps of one process's global batch, one encoder written."""
