@@ -57,7 +57,8 @@ class Predictor:
     """What every reloaded run does with texts, whatever computes its scores: a trained run
     (``Classifier``) or a `textune prompt` run (``prompt.PromptClassifier``). Subclasses set
     ``labels``, ``config`` (the data settings: text columns, multi-label), ``multi_label``,
-    ``thresholds``, ``temperature``, ``metrics`` and implement ``logits``."""
+    ``thresholds``, ``temperature``, ``metrics`` and implement ``_check_pairs`` and
+    ``_logits``."""
 
     labels: list[str]
     config: RunConfig
@@ -68,6 +69,20 @@ class Predictor:
 
     def logits(self, texts: list[str], pairs: list[str] | None = None,
                batch_size: int | None = None, progress: bool = False) -> np.ndarray:
+        """Scores ``[len(texts), len(labels)]``; their softmax (multi-label: sigmoid) over the
+        run's temperature is ``predict_proba``."""
+        if isinstance(texts, str):
+            raise UserError("predict() takes a list of texts; wrap a single text in a list")
+        self._check_pairs(pairs)
+        if len(texts) == 0:
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
+        return self._logits(texts, pairs, batch_size, progress)
+
+    def _check_pairs(self, pairs: list[str] | None) -> None:
+        raise NotImplementedError
+
+    def _logits(self, texts: list[str], pairs: list[str] | None, batch_size: int | None,
+                progress: bool) -> np.ndarray:
         raise NotImplementedError
 
     def read_as(self, truncation: str | None, max_windows: int | None = None) -> None:
@@ -172,15 +187,13 @@ class Classifier(Predictor):
         return encode(self.tokenizer, Table(list(texts), None, pairs, "input"), d.max_length,
                       d.truncation, max_windows=d.max_windows)
 
-    def logits(self, texts: list[str], pairs: list[str] | None = None,
-               batch_size: int | None = None, progress: bool = False) -> np.ndarray:
-        if isinstance(texts, str):
-            raise UserError("predict() takes a list of texts; wrap a single text in a list")
+    def _check_pairs(self, pairs: list[str] | None) -> None:
         if pairs is None and self.config.data.text_pair_col:
             raise UserError(f"this classifier was trained on text pairs (column "
                             f"{self.config.data.text_pair_col!r}): pass pairs= as well")
-        if len(texts) == 0:
-            return np.zeros((0, len(self.labels)), dtype=np.float32)
+
+    def _logits(self, texts: list[str], pairs: list[str] | None, batch_size: int | None,
+                progress: bool) -> np.ndarray:
         batch_size = batch_size or 64
         # (windows: the chunked path regroups sequences across chunks, losing a text's windows)
         if self.device.type != "cuda" or len(texts) <= 2 * self.CHUNK or \

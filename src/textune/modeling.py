@@ -314,9 +314,7 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, weight=None,
     """Cross-entropy over the classes (``weight`` per class); ``soft``: against float rows of
     class probabilities (a teacher's); for multi-label 0/1 (or probability) float targets,
     binary cross-entropy per tag (``weight``: each tag's positive-row weight)."""
-    if soft:
-        return F.cross_entropy(logits.float(), labels, weight=weight)
-    if labels.is_floating_point():
+    if labels.is_floating_point() and not soft:
         return F.binary_cross_entropy_with_logits(logits.float(), labels, pos_weight=weight)
     return F.cross_entropy(logits.float(), labels, weight=weight)
 

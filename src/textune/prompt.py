@@ -356,15 +356,13 @@ class PromptClassifier(Predictor):
             raise UserError("--truncation / --max-windows: a prompt run reads each text's "
                             "first --max-length tokens; rerun textune prompt with a larger one")
 
-    def logits(self, texts: list[str], pairs: list[str] | None = None,
-               batch_size: int | None = None, progress: bool = False) -> np.ndarray:
-        a = self.args
-        if isinstance(texts, str):
-            raise UserError("predict() takes a list of texts; wrap a single text in a list")
+    def _check_pairs(self, pairs: list[str] | None) -> None:
         if pairs is not None:
             raise UserError("a prompt run scores single texts, not text pairs")
-        if len(texts) == 0:
-            return np.zeros((0, len(self.labels)), dtype=np.float32)
+
+    def _logits(self, texts: list[str], pairs: list[str] | None, batch_size: int | None,
+                progress: bool) -> np.ndarray:
+        a = self.args
         parts = build_parts(self.scorer.tok, list(texts), self.verbalizers, self.demos,
                             **self.kw)
         raw = self.scorer.score(parts, batch_size or a.batch_size, a.label_score, a.kv_cache,
