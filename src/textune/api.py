@@ -31,7 +31,6 @@ from .data import (
     model_max_length,
     read_table,
     resolve_data,
-    same_text,
     save_labels,
     split_indices,
     text_lengths,
@@ -149,12 +148,11 @@ def load_splits(cfg: RunConfig) -> Splits:
     if n_excluded is not None:
         split["excluded_from_train"] = n_excluded
     # (the split made here keeps duplicates together; files given by the user may overlap)
-    seen = {same_text(t, p) for t, p in zip(train.texts, train.pairs or [None] * len(train))}
+    seen = set(train.keys())
     for name, given, part in (("val", d.val, val), ("test", d.test, test)):
         if not given:
             continue
-        n = sum(same_text(t, p) in seen for t, p in zip(part.texts, part.pairs or
-                                                           [None] * len(part)))
+        n = sum(k in seen for k in part.keys())
         split[f"{name}_in_train"] = n
         if n:
             log.warning("%s: %d of its %d texts (%.0f%%) also occur in the training data: its "

@@ -266,7 +266,7 @@ def load(run_dir: str | Path, device: str | None = None) -> Predictor:
     if not (run / "config.json").exists() or not (run / "labels.json").exists():
         raise UserError(f"{run}: not a textune run folder (no config.json / labels.json); pass "
                         f"the --out folder of a finished `textune train` or `textune prompt`")
-    if json.loads((run / "config.json").read_text()).get("kind") == "prompt":
+    if is_prompt_run(run):
         from .prompt import PromptClassifier
 
         if not (run / "metrics.json").exists():
@@ -289,10 +289,25 @@ def load(run_dir: str | Path, device: str | None = None) -> Predictor:
     clf = Classifier(model, tokenizer, labels, cfg, device)
     if (run / "metrics.json").exists():
         clf.metrics = json.loads((run / "metrics.json").read_text())
-    if (run / CALIBRATION).exists():
-        fitted = json.loads((run / CALIBRATION).read_text(encoding="utf-8"))
-        if "thresholds" in fitted:
-            clf.thresholds = np.array([fitted["thresholds"][n] for n in labels])
-        else:
-            clf.temperature = float(fitted["temperature"])
+    clf.temperature, thresholds = fitted_calibration(run, labels)
+    if thresholds is not None:
+        clf.thresholds = thresholds
     return clf
+
+
+def is_prompt_run(run: Path) -> bool:
+    """A `textune prompt` folder (no trained weights: ``prompt.PromptClassifier``)."""
+    cfg = run / "config.json"
+    return cfg.exists() and json.loads(cfg.read_text()).get("kind") == "prompt"
+
+
+def fitted_calibration(run: Path, labels: list[str]) -> tuple[float, np.ndarray | None]:
+    """What was fitted on the validation split after training (calibration.json): the
+    temperature (1 where none) and, multi-label, each tag's threshold (None where none)."""
+    file = run / CALIBRATION
+    if not file.exists():
+        return 1.0, None
+    fitted = json.loads(file.read_text(encoding="utf-8"))
+    if "thresholds" in fitted:
+        return 1.0, np.array([fitted["thresholds"][n] for n in labels])
+    return float(fitted["temperature"]), None

@@ -51,6 +51,10 @@ class Table:
     def multi_label(self) -> bool:
         return self.labels is not None and is_tag_lists(self.labels)
 
+    def keys(self) -> list[tuple[str, str | None]]:
+        """Each row's ``same_text`` key: what makes two rows the same text."""
+        return [same_text(t, p) for t, p in zip(self.texts, self.pairs or [None] * len(self))]
+
     def subset(self, idx) -> Table:
         pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
         return Table(pick(self.texts), pick(self.labels), pick(self.pairs), self.source,

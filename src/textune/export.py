@@ -11,7 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .classifier import CALIBRATION, load
+from .classifier import CALIBRATION, is_prompt_run, load
 from .errors import UserError
 
 
@@ -20,8 +20,7 @@ def export_run(run: str | Path, out: str | Path, merge: bool = True) -> Path:
     from .strategies.base import save_head
 
     run = Path(run)
-    cfg_file = run / "config.json"
-    if cfg_file.exists() and json.loads(cfg_file.read_text()).get("kind") == "prompt":
+    if is_prompt_run(run):
         raise UserError(f"{run}: a `textune prompt` run has no trained weights to export; "
                         f"textune.load / predict / serve take its folder as it is")
     clf = load(run, device="cpu")

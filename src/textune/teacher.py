@@ -57,12 +57,10 @@ class Teacher:
         self.metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
         self.thresholds = None
         if self.multi_label:
-            from .classifier import CALIBRATION
+            from .classifier import fitted_calibration
 
-            fitted = run / CALIBRATION
-            t = json.loads(fitted.read_text()).get("thresholds") if fitted.exists() else None
-            self.thresholds = np.array([t[n] for n in self.labels]) if t else \
-                np.full(len(self.labels), 0.5)
+            t = fitted_calibration(run, self.labels)[1]
+            self.thresholds = np.full(len(self.labels), 0.5) if t is None else t
         self._model = None
         self.processes = 1
         """How many processes scored the texts (`--num-processes`: each a share of them)."""
@@ -154,7 +152,7 @@ class Teacher:
             return None
         finally:
             quiet.setLevel(level)
-        return {same_text(t, p) for t, p in zip(train.texts, train.pairs or [None] * len(train))}
+        return set(train.keys())
 
     def release(self) -> None:
         """Free the model's memory (before the student is built)."""
@@ -180,10 +178,8 @@ def read_pool(path: str, text_col: str | None, pair_col: str | None) -> Table:
 def leave_out_labelled(pool: Table, *labelled: Table) -> tuple[Table, int]:
     """``pool`` without the texts of the labelled tables (``same_text``: case and white space
     aside); and how many went."""
-    seen = {same_text(t, p) for tab in labelled
-            for t, p in zip(tab.texts, tab.pairs or [None] * len(tab))}
-    keep = [i for i, (t, p) in enumerate(zip(pool.texts, pool.pairs or [None] * len(pool)))
-            if same_text(t, p) not in seen]
+    seen = {k for tab in labelled for k in tab.keys()}
+    keep = [i for i, k in enumerate(pool.keys()) if k not in seen]
     return pool.subset(keep), len(pool) - len(keep)
 
 
@@ -251,9 +247,7 @@ def label_pool(cfg, splits, out: Path | None, progress: bool):
     log.info("teacher %s labels %s unlabelled texts (and the %d test rows, to compare)",
              d.teacher, f"{len(pool):,}", len(splits.test))
     seen = teacher.trained_on()
-    test_pairs = splits.test.pairs or [None] * len(splits.test)
-    overlap = None if seen is None else sum(
-        same_text(t, p) in seen for t, p in zip(splits.test.texts, test_pairs))
+    overlap = None if seen is None else sum(k in seen for k in splits.test.keys())
     if overlap:
         log.warning("%d of the %d test texts were in the teacher's training data: the "
                     "teacher's test score overstates it (the student's does not: it never sees "
