@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import time
@@ -17,7 +16,7 @@ import torch
 
 from . import __version__, loop
 from .classifier import CALIBRATION, Classifier, build_model, load
-from .config import RunConfig
+from .config import RunConfig, launched_rank
 from .data import (
     LONG_TEXTS_HINT,
     TAG_JOIN,
@@ -229,7 +228,7 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
     """
     cfg.validate()
     # with several processes the launcher prepared the folder; only rank 0 writes to it
-    rank = int(os.environ.get("RANK", "0"))
+    rank = launched_rank()
     out = Path(cfg.out) if resume or rank else prepare_out_dir(cfg.out, False)
     t0 = time.perf_counter()
     src = resolve_model(cfg.model.model)

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import TRUNCATIONS, DataArgs
+from .config import TRUNCATIONS, DataArgs, launched_rank
 from .errors import UserError
 
 log = logging.getLogger("textune")
@@ -175,9 +175,16 @@ def _summary(m: dict) -> str:
     return "\n".join(lines)
 
 
-def launch_processes(a, n: int) -> int:
-    """Re-run this command in ``n`` data-parallel processes with `accelerate launch`
-    (torch.distributed: gloo on CPU, NCCL on GPUs). The folder is checked here, once."""
+def launch_processes(a) -> int | None:
+    """``--num-processes N`` above 1 (train, pretrain): re-run this command in N data-parallel
+    processes with `accelerate launch` (torch.distributed: gloo on CPU, NCCL on GPUs) and
+    return its exit code; the folder is checked here, once. None: this process does the work
+    (one process, or one of those launched)."""
+    n = a.num_processes
+    if n < 1:
+        raise UserError(f"--num-processes {n}: must be 1 or more")
+    if n == 1 or os.environ.get("TEXTUNE_LAUNCHED"):
+        return None
     import socket
     import subprocess
 
@@ -218,11 +225,9 @@ def cmd_train(a) -> int:
     from .api import train
     from .config import RunConfig
 
-    if a.num_processes < 1:
-        raise UserError(f"--num-processes {a.num_processes}: must be 1 or more")
-    if a.num_processes > 1 and not os.environ.get("TEXTUNE_LAUNCHED"):
-        return launch_processes(a, a.num_processes)
-    rank = int(os.environ.get("RANK", "0"))
+    if (code := launch_processes(a)) is not None:
+        return code
+    rank = launched_rank()
     if a.resume:
         run = Path(a.resume)
         if not (run / "config.json").exists():
@@ -460,11 +465,9 @@ def cmd_pretrain(a) -> int:
 
     from .pretrain import PretrainArgs, pretrain
 
-    if a.num_processes < 1:
-        raise UserError(f"--num-processes {a.num_processes}: must be 1 or more")
-    if a.num_processes > 1 and not os.environ.get("TEXTUNE_LAUNCHED"):
-        return launch_processes(a, a.num_processes)
-    rank = int(os.environ.get("RANK", "0"))
+    if (code := launch_processes(a)) is not None:
+        return code
+    rank = launched_rank()
     if a.resume:
         args_file = Path(a.resume) / "pretrain_args.json"
         if not args_file.exists():
@@ -815,7 +818,7 @@ def setup_logging(debug: bool) -> None:
                         format="%(levelname).1s %(message)s" if not debug else
                         "%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if os.environ.get("RANK", "0") not in ("", "0") and not debug:
+    if launched_rank() and not debug:
         logging.getLogger().setLevel(logging.WARNING)  # (--num-processes: the main one tells)
     for noisy in ("httpx", "urllib3", "filelock", "accelerate", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -843,7 +846,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"textune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if os.environ.get("RANK", "0") in ("", "0"):  # (--num-processes: said once)
+        if not launched_rank():  # (--num-processes: said once)
             print("textune: interrupted", file=sys.stderr)
         return 130
 
