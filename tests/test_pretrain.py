@@ -237,7 +237,8 @@ def test_continued_pretraining_resumes_from_its_checkpoint(tiny_bert, corpus, tm
 
 def test_pretrain_in_two_processes(corpus, tmp_path):
     """--num-processes 2: one tokenizer and token cache (built by the main process first), the
-    steps of one process's global batch, one encoder written."""
+    steps of one process's global batch, one encoder written; the held-out set is scored in
+    shares and added up: the figures of one process."""
     import os
     import subprocess
     import sys
@@ -256,6 +257,14 @@ def test_pretrain_in_two_processes(corpus, tmp_path):
     assert m["steps"] == 6 * -(-m["train_examples"] // 8)  # the global batch is kept
     assert m["eval_mlm_loss_after"] < 0.9 * m["eval_mlm_loss_before"]
     assert json.loads((out / "config.json").read_text())["architectures"] == ["BertModel"]
+    # one process, the same seed (the same weights before training): the same held-out loss
+    one = tmp_path / "pt1"
+    i = args.index("--num-processes")
+    assert main([*args[:i], *args[i + 2:-3], "--max-steps", "1", "--out", str(one),
+                 "--quiet"]) == 0
+    m1 = json.loads((one / "metrics.json").read_text())
+    assert m1["eval_masked_tokens"] == m["eval_masked_tokens"] > 0
+    assert m1["eval_mlm_loss_before"] == pytest.approx(m["eval_mlm_loss_before"], rel=1e-5)
 
 
 def test_pretrain_bad_input(tmp_path, capsys):

@@ -560,11 +560,18 @@ class PretrainModel(nn.Module):
         return loss
 
     @torch.inference_mode()
-    def evaluate(self, data: PretrainData, batch_size: int, device, amp) -> dict:
+    def evaluate(self, data: PretrainData, batch_size: int, accelerator) -> dict:
+        """Held-out MLM loss (and NSP accuracy); with several processes each scores every n-th
+        batch and the sums are added up, so every process gets the one-process figures."""
+        from .loop import amp_dtype
+
+        device, amp = accelerator.device, amp_dtype(accelerator)
+        rank, world = accelerator.process_index, accelerator.num_processes
+        batch_size = max(1, min(batch_size, -(-len(data) // world)))  # (a small set: halves)
         was = self.training
         self.eval()
         tot, n, nsp_ok, nsp_n = 0.0, 0, 0, 0
-        for s in range(0, len(data), batch_size):
+        for s in range(rank * batch_size, len(data), world * batch_size):
             batch = {k: v.to(device) for k, v in
                      data.collate(list(range(s, min(s + batch_size, len(data))))).items()}
             nsl = batch.pop("next_sentence_label", None)
@@ -576,6 +583,10 @@ class PretrainModel(nn.Module):
                 nsp_ok += int(((1 - nsp_logits.argmax(-1)) == nsl).sum())
                 nsp_n += len(nsl)
         self.train(was)
+        if world > 1:
+            sums = accelerator.reduce(torch.tensor([tot, n, nsp_ok, nsp_n], dtype=torch.float64,
+                                                   device=device), reduction="sum")
+            tot, n, nsp_ok, nsp_n = sums[0].item(), *(int(x) for x in sums[1:].tolist())
         loss = tot / max(n, 1)
         out = {"mlm_loss": loss, "perplexity": math.exp(min(loss, 50)), "masked_tokens": n}
         if nsp_n:
@@ -636,7 +647,7 @@ def pretrain(a: PretrainArgs, *, progress: bool = True, resume: bool = False,
     from . import hub
     from .api import _peak_memory_mb, prepare_out_dir, seed_everything
     from .config import TrainArgs
-    from .loop import amp_dtype, build_accelerator, fit, resolve_precision
+    from .loop import build_accelerator, fit, resolve_precision
     from .modeling import load_tokenizer, resolve_model
 
     if a.objective not in ("mlm", "mlm+nsp"):
@@ -709,7 +720,7 @@ def pretrain(a: PretrainArgs, *, progress: bool = True, resume: bool = False,
     accelerator = build_accelerator(targs.precision)
     device = accelerator.device
     wrapped.to(device)
-    before = wrapped.evaluate(eval_data, 64, device, amp_dtype(accelerator)) if not resume \
+    before = wrapped.evaluate(eval_data, 64, accelerator) if not resume \
         else json.loads((out / "eval_before.json").read_text())
     if not resume and main:
         (out / "eval_before.json").write_text(json.dumps(before) + "\n")
@@ -725,7 +736,7 @@ def pretrain(a: PretrainArgs, *, progress: bool = True, resume: bool = False,
                 evaluate=lambda _: {}, on_best=on_best, progress=progress, resume=resume,
                 module_returns_loss=True)
     wrapped = accelerator.unwrap_model(wrapped)
-    after = wrapped.evaluate(eval_data, 64, device, amp_dtype(accelerator))
+    after = wrapped.evaluate(eval_data, 64, accelerator)
     log.info("held-out MLM loss after: %.4f (perplexity %.1f)%s", after["mlm_loss"],
              after["perplexity"], f", NSP accuracy {after['nsp_accuracy']:.3f}"
              if "nsp_accuracy" in after else "")
