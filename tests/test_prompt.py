@@ -125,6 +125,46 @@ def test_prompt_cli_fewshot_changes_result_and_never_uses_eval_texts(tiny_lm, to
     assert s0 != s4  # the demonstrations change the scores
 
 
+def test_prompt_probabilities_get_a_temperature_fitted_on_validation_rows(tiny_lm, toy_csv,
+                                                                         tmp_path):
+    import csv
+
+    import numpy as np
+
+    from textune.metrics import calibration_error, fit_temperature, softmax
+    from textune.prompt import PromptClassifier
+
+    model, tok = tiny_lm
+    folder = tmp_path / "lm"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    args = ["prompt", "--model", str(folder), "--data", str(toy_csv), "--limit", "60",
+            "--labels", "bad,good", "--quiet"]
+    assert main([*args, "--temperature-rows", "80", "--out", str(tmp_path / "t")]) == 0
+    m = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    fitted = json.loads((tmp_path / "t" / "calibration.json").read_text())
+    assert fitted["fitted_on"] == "validation split (80 rows)"
+    assert m["temperature"] == pytest.approx(fitted["temperature"], abs=1e-4) != 1.0
+    # the reloaded run scores new texts at that temperature: its probabilities of the test
+    # rows are the softmax of their (calibrated) scores over it, whose ECE the run reported
+    rows = list(csv.DictReader(open(tmp_path / "t" / "predictions.csv")))
+    scores = np.array([[float(r["score_neg"]), float(r["score_pos"])] for r in rows])
+    y = np.array([r["label"] == "pos" for r in rows], dtype=int)
+    clf = PromptClassifier(tmp_path / "t", device="cpu")
+    p = clf.predict_proba([r["text"] for r in rows])
+    assert np.allclose(p, softmax(scores / fitted["temperature"]), atol=2e-3)
+    assert m["ece"] == pytest.approx(calibration_error(y, p), abs=2e-3)
+    assert m["ece_before_temperature"] == pytest.approx(calibration_error(y, softmax(scores)),
+                                                        abs=2e-3)
+    # and it is the validation rows' own best temperature, not the test rows'
+    assert abs(fit_temperature(scores, y) - fitted["temperature"]) > 1e-3
+    # --temperature-rows 0: none fitted, and no calibration error claimed for the raw scores
+    assert main([*args, "--temperature-rows", "0", "--out", str(tmp_path / "n")]) == 0
+    m0 = json.loads((tmp_path / "n" / "metrics.json").read_text())
+    assert not (tmp_path / "n" / "calibration.json").exists()
+    assert "ece" not in m0 and "temperature" not in m0 and m0["accuracy"] == m["accuracy"]
+
+
 def test_prompt_refuses_an_encoder(tiny_bert, toy_csv, tmp_path, capsys):
     code = main(["prompt", "--model", str(tiny_bert), "--data", str(toy_csv), "--out",
                  str(tmp_path / "p"), "--quiet"])

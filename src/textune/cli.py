@@ -708,6 +708,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calibrate", default="mean", choices=["mean", "content-free", "none"],
                    help="mean: centre each label's scores over the evaluated texts; "
                         "content-free: contextual calibration; both are reported")
+    q.add_argument("--temperature-rows", type=int, default=200,
+                   help="validation rows scored to fit a temperature, so the run's "
+                        "probabilities mean what they say (0: none)")
     q.add_argument("--label-score", default="sum", choices=["sum", "mean"],
                    help="multi-token verbalizers: sum (log-likelihood) or mean per token")
     q.add_argument("--batch-size", type=int, default=32)

@@ -232,9 +232,6 @@ class RunConfig:
             (self.strategy.pair_iterations >= 1 and self.strategy.body_epochs >= 1 and
              self.strategy.body_lr > 0, "--pair-iterations and --body-epochs must be >= 1, "
                                         "--body-lr > 0"),
-            (self.strategy.name != "contrastive" or not d.multi_label,
-             "--strategy contrastive needs one label a row; with --multi-label use frozen, "
-             "lora or full"),
             (bool(d.unlabelled) == bool(d.teacher),
              "--unlabelled and --teacher go together: the teacher (a finished train or prompt "
              "run) labels the unlabelled texts"),

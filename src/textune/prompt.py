@@ -71,6 +71,9 @@ class PromptArgs:
     """Cap on evaluation rows (a stratified sample of the test split)."""
     split: str = "test"
     calibrate: str = "mean"
+    temperature_rows: int = 200
+    """Validation rows scored to fit a temperature, so the run's probabilities (``predict
+    --min-confidence``, a distillation teacher's soft targets) mean what they say; 0: none."""
     label_score: str = "sum"
     batch_size: int = 32
     max_length: int = 256
@@ -313,6 +316,16 @@ def calibrate(scores: np.ndarray, how: str, content_free: np.ndarray | None = No
     raise UserError(f"--calibrate {how}: choose one of {', '.join(CALIBRATIONS)}")
 
 
+def calibrate_new(raw: np.ndarray, how: str, means: np.ndarray | None,
+                  content_free: np.ndarray | None) -> np.ndarray:
+    """Calibrated scores of texts other than the run's evaluated ones: ``mean`` subtracts the
+    run's per-label means (so a text's probabilities do not depend on the texts scored beside
+    it); the others as :func:`calibrate`."""
+    if how == "mean" and means is not None:
+        return raw - means[None]
+    return calibrate(raw, how, content_free)
+
+
 def content_free_scores(scorer: PromptScorer, verbalizers: list[str], demos, kw: dict,
                         a: PromptArgs) -> np.ndarray:
     """The label scores of content-free inputs ("N/A", "", "[MASK]"), for ``content-free``."""
@@ -325,7 +338,8 @@ class PromptClassifier(Predictor):
     one; `predict`, `eval`, `serve` and `train --teacher` take the run): its model, template,
     demonstrations, verbalizers and calibration (``mean``: each label's scores less their mean
     over the run's evaluated texts, so one text scores the same alone or among others).
-    Its logits are the calibrated label scores; probabilities their softmax."""
+    Its logits are the calibrated label scores; probabilities their softmax at the temperature
+    fitted on validation rows (calibration.json; 1 for a run without one)."""
 
     def __init__(self, run, device: str | None = None):
         from pathlib import Path
@@ -339,6 +353,9 @@ class PromptClassifier(Predictor):
         known = {f.name for f in fields(PromptArgs)}
         self.args = PromptArgs(**{k: v for k, v in cfg.items() if k in known})
         self.config = run_config(self.args)
+        from .classifier import fitted_calibration
+
+        self.temperature = fitted_calibration(run, self.labels)[0]
         verb = self.metrics["verbalizers"]
         self.verbalizers = [verb[n] for n in self.labels]
         self.demos = [(d["text"], verb[d["label"]]) for d in self.metrics["demonstrations"]]
@@ -370,11 +387,41 @@ class PromptClassifier(Predictor):
         if a.calibrate == "content-free" and self._cf is None:
             self._cf = content_free_scores(self.scorer, self.verbalizers, self.demos, self.kw, a)
         means = self.metrics.get("mean_label_scores")
-        if a.calibrate == "mean" and means:  # the prompt run's offsets: a text's probabilities
-            s = raw - np.array([means[n] for n in self.labels])  # do not depend on its batch
-        else:  # (a run from before textune kept them: centred on these texts)
-            s = calibrate(raw, a.calibrate, self._cf)
-        return s.astype(np.float32)
+        means = np.array([means[n] for n in self.labels]) if means else None
+        # (a run from before textune kept the means: centred on these texts)
+        return calibrate_new(raw, a.calibrate, means, self._cf).astype(np.float32)
+
+
+def fit_prompt_temperature(a: PromptArgs, splits, names: list[str], scorer: PromptScorer,
+                           parts_of, calibrated, exclude: set[str], progress: bool
+                           ) -> tuple[float, str | None]:
+    """The temperature of the run's calibrated scores, fitted on up to ``a.temperature_rows``
+    validation rows (a stratified sample, none of the evaluated texts) scored as new texts are;
+    (1, None) when there are too few rows or no mistakes to fit it on."""
+    from .api import MIN_CALIBRATION_ROWS
+    from .data import limit_indices
+    from .metrics import fit_temperature
+
+    val = splits.val
+    if a.split != "test" or a.temperature_rows <= 0 or val is None or val.labels is None:
+        return 1.0, None
+    keep = [i for i, (t, y) in enumerate(zip(val.texts, val.labels))
+            if y in names and t not in exclude]
+    keep = limit_indices(keep, val.labels, a.temperature_rows, a.seed)
+    if len(keep) < MIN_CALIBRATION_ROWS:
+        log.info("probabilities not calibrated: %d validation rows (needs %d)", len(keep),
+                 MIN_CALIBRATION_ROWS)
+        return 1.0, None
+    texts = [val.texts[i] for i in keep]
+    y = np.array([names.index(val.labels[i]) for i in keep])
+    s = calibrated(scorer.score(parts_of(texts), a.batch_size, a.label_score, a.kv_cache,
+                                progress))
+    if (s.argmax(1) == y).all():
+        return 1.0, None  # (no mistake: the fit would make every probability ~1)
+    t = fit_temperature(s, y)
+    log.info("temperature %.3f fitted on %d validation rows (probabilities calibrated; "
+             "--temperature-rows 0 leaves it out)", t, len(keep))
+    return t, f"validation split ({len(keep)} rows)"
 
 
 def run_config(a: PromptArgs):
@@ -469,12 +516,26 @@ def run_prompt(a: PromptArgs, *, progress: bool = True, overwrite: bool = False)
 
     y = np.array([names.index(t) for t in ev.labels])
     results = {how: calibrate(raw, how, cf) for how in CALIBRATIONS}
+    temperature, fitted_on = fit_prompt_temperature(
+        a, splits, names, scorer, lambda texts: build_parts(tok, texts, verbalizers, demos, **kw),
+        lambda r: calibrate_new(r, a.calibrate, raw.mean(0), cf), exclude=set(ev.texts),
+        progress=progress)
     summary = {}
     for how, s in results.items():
         m = classification_metrics(y, s, names)
         summary[how] = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
-    metrics = classification_metrics(y, results[a.calibrate], names, uncertainty=True,
-                                     probabilities=False)  # log-likelihoods, not probabilities
+    # label scores are log-likelihoods, not logits: their softmax is a probability only once a
+    # temperature has been fitted on labelled rows
+    metrics = classification_metrics(y, results[a.calibrate] / temperature, names,
+                                     uncertainty=True, probabilities=fitted_on is not None)
+    if fitted_on is not None:
+        from .metrics import calibration_error, softmax
+
+        metrics["temperature"] = round(temperature, 4)
+        metrics["ece_before_temperature"] = round(calibration_error(
+            y, softmax(results[a.calibrate])), 4)
+        (out / "calibration.json").write_text(json.dumps(
+            {"temperature": temperature, "fitted_on": fitted_on}, indent=2) + "\n")
     metrics.update({
         "split": a.split, "model": a.model, "strategy": "prompt" if not a.shots else
         f"prompt-fewshot ({a.shots} per class)", "calibration": a.calibrate,

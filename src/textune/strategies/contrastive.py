@@ -59,7 +59,10 @@ class PairData:
 def make_pairs(labels: np.ndarray, iterations: int, seed: int, max_pairs: int = MAX_PAIRS
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """SetFit's pairs: for each round and each row, a partner of its class (where the class has
-    another row) and one of another class. Shuffled; at most ``max_pairs`` (a random subset)."""
+    another row) and one of another class. Shuffled; at most ``max_pairs`` (a random subset).
+    Multi-label (``labels`` a 0/1 matrix): see :func:`make_tag_pairs`."""
+    if labels.ndim == 2:
+        return make_tag_pairs(labels, iterations, seed, max_pairs)
     rng = np.random.default_rng(seed)
     by_class = {c: np.flatnonzero(labels == c) for c in np.unique(labels)}
     other_class = {c: np.flatnonzero(labels != c) for c in by_class}
@@ -72,8 +75,44 @@ def make_pairs(labels: np.ndarray, iterations: int, seed: int, max_pairs: int = 
                 a.append(i), b.append(j if j != i else same[-1]), target.append(1.0)
             others = other_class[c]
             a.append(i), b.append(others[rng.integers(len(others))]), target.append(0.0)
+    return _shuffled(rng, a, b, target, max_pairs)
+
+
+def make_tag_pairs(tags: np.ndarray, iterations: int, seed: int, max_pairs: int = MAX_PAIRS
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs of multi-label rows (``tags``: ``[n, n_tags]`` 0/1). For each round and each row:
+    a partner that has one of its tags (drawn at random; a row without tags: a partner without
+    tags) and a partner that shares none of them. The target is the pairs' tag-set overlap
+    |A ∩ B| / |A ∪ B| (two untagged rows: 1), so a text that has one of two tags is pulled
+    half-way to the other; with one label a row this is SetFit's 1 and 0."""
+    rng = np.random.default_rng(seed)
+    Y = tags > 0.5
+    Yi = Y.astype(np.int32)
+    size = Yi.sum(1)
+    with_tag = [np.flatnonzero(Y[:, t]) for t in range(Y.shape[1])]
+    untagged, tagged = np.flatnonzero(size == 0), np.flatnonzero(size > 0)
+    a, b, target = [], [], []
+    for i in range(len(Y)):
+        inter = Yi @ Yi[i]  # (a row at a time: no n x n matrix)
+        union = size + size[i] - inter
+        overlap = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+        own = np.flatnonzero(Y[i])
+        apart = np.flatnonzero(inter == 0) if len(own) else tagged
+        for _ in range(iterations):
+            near = with_tag[own[rng.integers(len(own))]] if len(own) else untagged
+            if len(near) > 1:
+                j = near[rng.integers(len(near) - 1)]
+                j = j if j != i else near[-1]
+                a.append(i), b.append(j), target.append(overlap[j])
+            if len(apart):
+                j = apart[rng.integers(len(apart))]
+                a.append(i), b.append(j), target.append(overlap[j])
+    return _shuffled(rng, a, b, target, max_pairs)
+
+
+def _shuffled(rng, a, b, target, max_pairs):
     order = rng.permutation(len(a))[:max_pairs]
-    return (np.asarray(a)[order], np.asarray(b)[order],
+    return (np.asarray(a, dtype=np.int64)[order], np.asarray(b, dtype=np.int64)[order],
             np.asarray(target, dtype=np.float32)[order])
 
 
@@ -105,9 +144,9 @@ class Contrastive(Frozen):
 
     def prepare_backbone(self, model: TextClassifier, train, args, accelerator, out: Path,
                          progress: bool, resume: bool) -> dict:
-        """The contrastive phase: pairs of ``train`` (an ``Encoded`` split, one label a row:
-        RunConfig.validate refuses --multi-label) through :func:`textune.loop.fit`; then the
-        backbone is frozen. Returns what it did, for the run's metrics."""
+        """The contrastive phase: pairs of ``train`` (an ``Encoded`` split; one label a row, or
+        multi-label tags) through :func:`textune.loop.fit`; then the backbone is frozen.
+        Returns what it did, for the run's metrics."""
         from .. import loop
 
         if resume:
