@@ -413,3 +413,21 @@ def test_predict_min_confidence_leaves_unsure_rows_unlabelled(capsys, tmp_path, 
         code, _, err = run_cli(capsys, "predict", str(out), "--input", str(tmp_path / "pool.csv"),
                                "--min-confidence", bad)
         assert code == 2 and "--min-confidence" in one_line_error(err)
+
+
+def test_cache_lists_sizes_and_clears_only_the_parts_named(tmp_path, monkeypatch, capsys):
+    home = tmp_path / "home"
+    monkeypatch.setenv("TEXTUNE_HOME", str(home))
+    (home / "features" / "k").mkdir(parents=True)
+    (home / "features" / "k" / "f.npy").write_bytes(b"x" * 3 * 2**20)
+    (home / "models" / "m").mkdir(parents=True)
+    (home / "models" / "m" / "w.bin").write_bytes(b"x" * 2**20)
+    assert main(["cache"]) == 0
+    out = capsys.readouterr().out
+    assert "features" in out and "3.0 MB" in out and "4.0 MB" in out  # (the total)
+    assert main(["cache", "--clear", "features,teacher-labels"]) == 0
+    assert "cleared features (3.0 MB)" in capsys.readouterr().out
+    assert not (home / "features").exists() and (home / "models" / "m" / "w.bin").exists()
+    assert main(["cache", "--clear", "runs"]) == 2
+    assert "--clear runs: choose from" in capsys.readouterr().err
+    assert (home / "models").exists()

