@@ -28,6 +28,16 @@ def tiny_lm(tiny_llama):
     return LlamaForCausalLM(cfg).eval(), tok
 
 
+@pytest.fixture(scope="module")
+def lm_folder(tiny_lm, tmp_path_factory):
+    """The tiny LM saved, for the CLI."""
+    model, tok = tiny_lm
+    folder = tmp_path_factory.mktemp("lm")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def manual_score(model, ids: list[int], verb: list[int]) -> float:
     """log p(verb | ids) from one plain forward of the whole sequence, no batching."""
     full = torch.tensor([ids + verb])
@@ -98,12 +108,9 @@ def test_verbalizer_parsing():
         parse_verbalizers("a,b,c", ["neg", "pos"])
 
 
-def test_prompt_cli_fewshot_changes_result_and_never_uses_eval_texts(tiny_lm, toy_csv,
+def test_prompt_cli_fewshot_changes_result_and_never_uses_eval_texts(lm_folder, toy_csv,
                                                                       tmp_path):
-    model, tok = tiny_lm
-    folder = tmp_path / "lm"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    folder = lm_folder
     runs = {}
     for shots in (0, 4):
         out = tmp_path / f"p{shots}"
@@ -125,7 +132,7 @@ def test_prompt_cli_fewshot_changes_result_and_never_uses_eval_texts(tiny_lm, to
     assert s0 != s4  # the demonstrations change the scores
 
 
-def test_prompt_probabilities_get_a_temperature_fitted_on_validation_rows(tiny_lm, toy_csv,
+def test_prompt_probabilities_get_a_temperature_fitted_on_validation_rows(lm_folder, toy_csv,
                                                                          tmp_path):
     import csv
 
@@ -134,10 +141,7 @@ def test_prompt_probabilities_get_a_temperature_fitted_on_validation_rows(tiny_l
     from textune.metrics import calibration_error, fit_temperature, softmax
     from textune.prompt import PromptClassifier
 
-    model, tok = tiny_lm
-    folder = tmp_path / "lm"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    folder = lm_folder
     args = ["prompt", "--model", str(folder), "--data", str(toy_csv), "--limit", "60",
             "--labels", "bad,good", "--quiet"]
     assert main([*args, "--temperature-rows", "80", "--out", str(tmp_path / "t")]) == 0
@@ -172,13 +176,10 @@ def test_prompt_refuses_an_encoder(tiny_bert, toy_csv, tmp_path, capsys):
     assert "causal (decoder) LM" in capsys.readouterr().err
 
 
-def test_compare_runs_prompt_beside_training(tiny_lm, tmp_path):
+def test_compare_runs_prompt_beside_training(lm_folder, tmp_path):
     from .conftest import toy_rows, write_csv
 
-    model, tok = tiny_lm
-    folder = tmp_path / "lm"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    folder = lm_folder
     # labels the tiny vocabulary can say, so the verbalizers differ
     rows = [(t, "good" if y == "pos" else "bad") for t, y in toy_rows(300)]
     data = write_csv(tmp_path / "gb.csv", rows)
