@@ -144,3 +144,20 @@ def test_corrupt_checkpoint_is_named_not_loaded(tiny_bert, toy_csv, tmp_path, ca
     if damage in ("truncate", "flip"):
         assert "trainable.safetensors" in err and "corrupt" in err
     assert not (out / "metrics.json").exists()
+
+
+def test_compare_trains_each_run_in_several_processes(tiny_bert, toy_csv, tmp_path):
+    """compare --num-processes 2: each strategy's run is `train --num-processes 2` (from its
+    config), one after another, and its row holds that run's metrics."""
+    out = tmp_path / "cmp"
+    done = run_cli("compare", "--model", str(tiny_bert), "--data", str(toy_csv),
+                   "--strategies", "frozen,full", "--epochs", "1", "--batch-size", "16",
+                   "--precision", "fp32", "--num-processes", "2", "--quiet", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert [r["strategy"] for r in rows] == ["frozen", "full"]
+    for r in rows:
+        m = json.loads((out / r["strategy"] / "metrics.json").read_text())
+        assert r["status"] == "ok" and m["processes"] == 2
+        assert r["accuracy"] == m["accuracy"] and m["n_eval"] == 100
+    assert done.stderr.count("launching 2 processes") == 2

@@ -236,9 +236,12 @@ def cmd_train(a) -> int:
         cfg.out = str(run)
         m = train(cfg, progress=not a.quiet and not rank, resume=True)
     else:
-        if not a.data:
+        if a.config_file:  # (compare, cv, curve, tune with --num-processes: a run's config)
+            cfg = RunConfig.from_dict(json.loads(Path(a.config_file).read_text()))
+        elif not a.data:
             raise UserError("--data is required (a catalog dataset or a file)")
-        cfg = config_from_args(a, a.strategy)
+        else:
+            cfg = config_from_args(a, a.strategy)
         if a.overwrite and rank == 0:
             from .api import prepare_out_dir
 
@@ -387,7 +390,8 @@ def cmd_compare(a) -> int:
         log.warning("--lr %g applies to every strategy; their defaults differ (frozen 1e-3, "
                     "lora 5e-4, adapter 1e-3, full 5e-5)", a.lr)
     strategies = [s.strip() for s in a.strategies.split(",") if s.strip()]
-    rows = run_compare(cfg, strategies, out, seeds=_seeds(a), progress=not a.quiet)
+    rows = run_compare(cfg, strategies, out, seeds=_seeds(a), progress=not a.quiet,
+                       processes=a.num_processes)
     print((out / "compare.md").read_text())
     print(f"table: {out / 'compare.md'}  chart: {out / 'compare.png'}")
     return 0 if any(r["status"] == "ok" for r in rows) else 1
@@ -398,7 +402,8 @@ def cmd_curve(a) -> int:
     from .curve import run_curve
 
     out = prepare_out_dir(a.out, a.overwrite)
-    rows = run_curve(config_from_args(a, a.strategy), a.sizes, out, progress=not a.quiet)
+    rows = run_curve(config_from_args(a, a.strategy), a.sizes, out, progress=not a.quiet,
+                     processes=a.num_processes)
     print((out / "curve.md").read_text())
     print(f"table: {out / 'curve.md'}  chart: {out / 'curve.png'}")
     return 0 if any(r["status"] == "ok" for r in rows) else 1
@@ -425,7 +430,8 @@ def cmd_tune(a) -> int:
         log.warning("tune: %d combinations x %d seeds = %d training runs", len(combos),
                     len(seeds), len(combos) * len(seeds))
     out = prepare_out_dir(a.out, a.overwrite)
-    s = run_tune(base, combos, out, seeds=seeds, progress=not a.quiet)
+    s = run_tune(base, combos, out, seeds=seeds, progress=not a.quiet,
+                 processes=a.num_processes)
     print((out / "tune.md").read_text())
     print(f"table: {out / 'tune.md'}  chart: {out / 'tune.png'}"
           + (f"  chosen run: {out / 'best'}" if "chosen" in s else ""))
@@ -437,7 +443,8 @@ def cmd_cv(a) -> int:
     from .cv import run_cv
 
     out = prepare_out_dir(a.out, a.overwrite)
-    s = run_cv(config_from_args(a, a.strategy), a.folds, out, progress=not a.quiet)
+    s = run_cv(config_from_args(a, a.strategy), a.folds, out, progress=not a.quiet,
+                   processes=a.num_processes)
     print((out / "cv.md").read_text())
     print(f"table: {out / 'cv.md'}" + (f"  every row: {out / 'predictions.csv'}  report: "
                                        f"{out / 'report.html'}" if "pooled" in s else ""))
@@ -641,6 +648,9 @@ def build_parser() -> argparse.ArgumentParser:
     def several_runs(sp, func):  # compare, curve, cv, tune: an output folder of runs, train's flags
         sp.add_argument("--out", required=True)
         sp.add_argument("--overwrite", action="store_true")
+        sp.add_argument("--num-processes", type=int, default=1,
+                        help="train each run in N data-parallel processes (accelerate launch, "
+                             "as train's --num-processes); the runs still go one at a time")
         add_train_flags(sp)
         common(sp)
         sp.set_defaults(func=func)
@@ -654,6 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--num-processes", type=int, default=1,
                    help="data-parallel processes via accelerate launch (GPUs, or CPU with gloo); "
                         "--batch-size stays the rows per optimizer step over all of them")
+    t.add_argument("--config-file", help=argparse.SUPPRESS)
     add_train_flags(t)
     t._option_string_actions["--data"].required = False
     common(t)

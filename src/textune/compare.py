@@ -38,9 +38,11 @@ def _human_bytes(n: int | None) -> str:
 
 
 def run_compare(base: RunConfig, strategies: list[str], out: Path, *,
-                seeds: list[int] | None = None, progress: bool = True) -> list[dict]:
+                seeds: list[int] | None = None, progress: bool = True,
+                processes: int = 1) -> list[dict]:
     """Train every strategy (once per seed in ``seeds``; default: the config's seed) on the
-    same splits; writes compare.md / .json / .png after each run. One row per strategy."""
+    same splits; writes compare.md / .json / .png after each run. One row per strategy.
+    ``processes``: each training run data-parallel in that many processes."""
     from .strategies import REGISTRY
 
     known = [*REGISTRY, *PROMPTS]
@@ -65,7 +67,7 @@ def run_compare(base: RunConfig, strategies: list[str], out: Path, *,
             cfg.train.seed = seed
             cfg.out = str(out / name / f"seed-{seed}" if len(seeds) > 1 else out / name)
             log.info("=== %s%s ===", name, f" (seed {seed})" if len(seeds) > 1 else "")
-            status, m = train_in_subprocess(cfg, progress)
+            status, m = train_in_subprocess(cfg, progress, processes)
             if status != "ok":  # one failure must not lose the others
                 log.error("%s failed: %s", name, status)
             runs.append({"seed": seed, "status": "ok" if status == "ok" else f"failed: {status}",
@@ -117,9 +119,13 @@ def _context():
     return mp.get_context("spawn")
 
 
-def train_in_subprocess(cfg: RunConfig, progress: bool) -> tuple[str, dict]:
+def train_in_subprocess(cfg: RunConfig, progress: bool, processes: int = 1
+                        ) -> tuple[str, dict]:
     """A run in its own process (compare, curve, cv, tune): its peak memory is its own, and a
-    crash (even an out-of-memory kill) of one run is reported instead of ending the others."""
+    crash (even an out-of-memory kill) of one run is reported instead of ending the others.
+    ``processes`` > 1: `textune train` launched in that many data-parallel processes."""
+    if processes > 1 and cfg.strategy.name not in PROMPTS:
+        return _launched(cfg, progress, processes)
     ctx = _context()
     q = ctx.Queue()
     # the fork server kept the environment and folder it started with: pass today's
@@ -137,6 +143,35 @@ def train_in_subprocess(cfg: RunConfig, progress: bool) -> tuple[str, dict]:
     if result is None:
         return f"process died (exit code {p.exitcode}; out of memory?)", {}
     return result
+
+
+def _launched(cfg: RunConfig, progress: bool, processes: int) -> tuple[str, dict]:
+    """The run as `textune train --num-processes N` would start it (accelerate launch), from its
+    config in a file; its metrics from its folder."""
+    import argparse
+    import tempfile
+
+    from .cli import launch_processes
+
+    fd, file = tempfile.mkstemp(prefix="textune-run-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(cfg.to_dict(), f)
+        argv = ["train", "--config-file", file, "--out", cfg.out] + ([] if progress
+                                                                      else ["--quiet"])
+        try:
+            code = launch_processes(argparse.Namespace(num_processes=processes, resume=None,
+                                                       out=cfg.out, overwrite=False,
+                                                       _argv=argv))
+        except UserError as e:
+            return str(e), {}
+    finally:
+        os.unlink(file)
+    metrics = Path(cfg.out) / "metrics.json"
+    if code == 0 and metrics.exists():
+        return "ok", json.loads(metrics.read_text())
+    return ("bad input (exit code 2; the message is above)" if code == 2
+            else f"processes failed (exit code {code})"), {}
 
 
 def _worker(cfg_dict: dict, progress: bool, q, environ: dict, cwd: str) -> None:

@@ -50,7 +50,8 @@ def parse_sizes(spec: str | None, n_train: int) -> list[int]:
     return sizes
 
 
-def run_curve(base: RunConfig, sizes: str | None, out: Path, *, progress: bool = True) -> list[dict]:
+def run_curve(base: RunConfig, sizes: str | None, out: Path, *, progress: bool = True,
+              processes: int = 1) -> list[dict]:
     """Train ``base`` once per training size on fixed splits; writes curve.md / .json / .png
     after each run. One row per size."""
     from .api import load_splits
@@ -69,7 +70,7 @@ def run_curve(base: RunConfig, sizes: str | None, out: Path, *, progress: bool =
         cfg.data.limit = None if n == n_train else n
         cfg.out = str(out / f"rows-{n}")
         log.info("=== %s on %d training rows ===", cfg.strategy.name, n)
-        status, m = train_in_subprocess(cfg, progress)
+        status, m = train_in_subprocess(cfg, progress, processes)
         if status != "ok":
             log.error("%d rows failed: %s", n, status)
         rows.append({"rows": n, "status": "ok" if status == "ok" else f"failed: {status}",

@@ -26,7 +26,8 @@ right labels the model missed). Accuracy alone cannot tell a weak model from noi
 85-95% of the listed rows were flipped ones), so this is a caution, not a verdict."""
 
 
-def run_cv(base: RunConfig, folds: int, out: Path, *, progress: bool = True) -> dict:
+def run_cv(base: RunConfig, folds: int, out: Path, *, progress: bool = True,
+           processes: int = 1) -> dict:
     """Train ``base`` once per fold (its own process), then pool the folds' test predictions
     into ``out``/predictions.csv and score them: cv.md, cv.json, metrics.json, report.html."""
     if base.data.split_seed is None:
@@ -52,7 +53,7 @@ def run_cv(base: RunConfig, folds: int, out: Path, *, progress: bool = True) -> 
         cfg.data.folds, cfg.data.fold = folds, k
         cfg.out = str(out / f"fold-{k}")
         log.info("=== fold %d of %d ===", k + 1, folds)
-        status, m = train_in_subprocess(cfg, progress)
+        status, m = train_in_subprocess(cfg, progress, processes)
         if status != "ok":
             log.error("fold %d failed: %s", k, status)
         runs.append({"fold": k, "status": "ok" if status == "ok" else f"failed: {status}",

@@ -119,12 +119,12 @@ def combinations(base: RunConfig, grid: list[tuple[str, str, list]], apply) -> l
 
 
 def tune(data, out, *, grid: dict[str, list] | None = None, seeds: list[int] | None = None,
-         overwrite: bool = False, progress: bool = True, **options):
+         overwrite: bool = False, progress: bool = True, processes: int = 1, **options):
     """``textune tune`` from Python: train every combination of ``grid``'s values (option names
     as in ``fit``: ``{"lr": [1e-4, 5e-4], "head": ["linear", "mlp"]}``; default: the learning
     rate at 1/3, 1 and 3 times its default) on the same splits, choose on the validation
     split, and return the chosen run's classifier (its test metrics in ``.metrics``; the table
-    in ``out``/tune.md)."""
+    in ``out``/tune.md). ``processes``: each run data-parallel in that many processes."""
     from .api import prepare_out_dir
     from .classifier import load
 
@@ -140,14 +140,14 @@ def tune(data, out, *, grid: dict[str, list] | None = None, seeds: list[int] | N
     combos = combinations(base, specs, lambda values: RunConfig.from_options(
         data=data, out=out, **{**options, **values}))
     root = prepare_out_dir(out, overwrite)
-    summary = run_tune(base, combos, root, seeds=seeds, progress=progress)
+    summary = run_tune(base, combos, root, seeds=seeds, progress=progress, processes=processes)
     if "chosen" not in summary:
         raise RuntimeError(f"tune: no run finished; see {root / 'tune.md'}")
     return load(summary["chosen_run"])
 
 
 def run_tune(base: RunConfig, combos: list[dict], out: Path, *, seeds: list[int] | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, processes: int = 1) -> dict:
     """Train every combination (once per seed) on the same splits; choose on validation;
     writes tune.md / .json / .png after each run and links ``out``/best to the chosen run."""
     from .api import load_splits
@@ -170,7 +170,7 @@ def run_tune(base: RunConfig, combos: list[dict], out: Path, *, seeds: list[int]
             log.info("=== run %d of %d: %s%s ===", done + 1, total,
                      " ".join(f"{k}={v}" for k, v in c["settings"].items()),
                      f" (seed {seed})" if len(seeds) > 1 else "")
-            status, m = train_in_subprocess(cfg, progress)
+            status, m = train_in_subprocess(cfg, progress, processes)
             if status != "ok":
                 log.error("%s failed: %s", c["name"], status)
             runs.append({"seed": seed, "status": "ok" if status == "ok" else f"failed: {status}",
