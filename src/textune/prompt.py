@@ -529,12 +529,13 @@ def run_prompt(a: PromptArgs, *, progress: bool = True, overwrite: bool = False)
     metrics = classification_metrics(y, results[a.calibrate] / temperature, names,
                                      uncertainty=True, probabilities=fitted_on is not None)
     if fitted_on is not None:
+        from .classifier import CALIBRATION
         from .metrics import calibration_error, softmax
 
         metrics["temperature"] = round(temperature, 4)
         metrics["ece_before_temperature"] = round(calibration_error(
             y, softmax(results[a.calibrate])), 4)
-        (out / "calibration.json").write_text(json.dumps(
+        (out / CALIBRATION).write_text(json.dumps(
             {"temperature": temperature, "fitted_on": fitted_on}, indent=2) + "\n")
     metrics.update({
         "split": a.split, "model": a.model, "strategy": "prompt" if not a.shots else
