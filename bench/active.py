@@ -6,6 +6,9 @@ The validation and test splits are fixed (split seed 0). From the training split
 on the labelled set, scores the fixed test rows, then adds --step rows from the rest of the
 pool: the most uncertain ones under the run just trained (one arm), or random ones (the other).
 Both arms start from the same first run; every seed draws its own pool and start.
+``--arms uncertain,random,diverse`` adds a third: the 4 x --step most uncertain rows cut into
+--step clusters (k-means on the run's own features, `clf.embed`), the most uncertain row of
+each cluster (cand is sorted most unsure first, so a cluster's first member is its most unsure).
 
     PYTHONPATH=src python bench/active.py [--strategy frozen] [--seeds 0,1,2] [--rounds 2]
 """
@@ -30,6 +33,7 @@ def main() -> None:
     p.add_argument("--step", type=int, default=500)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--arms", default="uncertain,random")
     a = p.parse_args()
 
     import textune
@@ -61,7 +65,7 @@ def main() -> None:
         results.append((seed, 0, "both", len(first), clf0.metrics["accuracy"]))
         print(f"seed {seed} round 0: {len(first)} rows, accuracy {clf0.metrics['accuracy']:.4f}",
               flush=True)
-        for arm in ("uncertain", "random"):
+        for arm in a.arms.split(","):
             labelled, clf = list(first), clf0
             for r in range(1, a.rounds + 1):
                 have = set(labelled)
@@ -70,6 +74,17 @@ def main() -> None:
                     probs = clf.predict_proba([train.texts[i] for i in rest])
                     order = np.argsort(-clf.uncertainty(probs), kind="stable")
                     labelled += [rest[i] for i in order[:a.step]]
+                elif arm == "diverse":
+                    from sklearn.cluster import KMeans
+
+                    probs = clf.predict_proba([train.texts[i] for i in rest])
+                    unsure = clf.uncertainty(probs)
+                    cand = np.argsort(-unsure, kind="stable")[:4 * a.step]
+                    emb = clf.embed([train.texts[rest[i]] for i in cand])
+                    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+                    groups = KMeans(a.step, n_init=1, random_state=seed).fit_predict(emb)
+                    labelled += [rest[cand[np.flatnonzero(groups == g)[0]]]
+                                 for g in range(a.step)]
                 else:
                     labelled += rng.choice(rest, size=a.step, replace=False).tolist()
                 clf = fit(labelled, f"s{seed}-{arm}-r{r}", seed)

@@ -364,6 +364,13 @@ def test_fit_from_python(tiny_bert, toy_csv, tmp_path):
                       batch_size=16, max_length=32, seed=0)
     assert clf.metrics["accuracy"] >= 0.9 and clf.config.train.epochs == epochs
     assert len(clf.predict(["good film"])) == 1
+    # embed: the pooled features the head reads (its logits are the head of them)
+    texts = ["good film", "a terrible, dull film", "it was fine"]
+    emb = clf.embed(texts)
+    assert emb.shape == (3, clf.model.hidden_size) and not clf.model.training
+    with torch.inference_mode():
+        head = clf.model.head(torch.from_numpy(emb)).numpy()
+    assert np.allclose(head, clf.logits(texts), atol=1e-4)
     assert textune.train is textune.api.train  # (the function, every time: not the loop module)
     assert textune.train is textune.api.train
     with pytest.raises(UserError, match="epoch=: not a textune option"):

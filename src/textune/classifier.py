@@ -204,6 +204,20 @@ class Classifier(Predictor):
                                            shard=False))
         return self._chunked_logits(texts, pairs, batch_size, progress)
 
+    def embed(self, texts: list[str], pairs: list[str] | None = None,
+              progress: bool = False) -> np.ndarray:
+        """Each text's pooled backbone features ``[n, hidden]`` (what the head reads; windows:
+        their mean): for clustering, search, or choosing diverse rows to label."""
+        from .api import _backbone_features
+
+        self._check_pairs(pairs)
+        enc = self.encode(list(texts), pairs)
+        with torch.inference_mode():
+            feats = _backbone_features(self.model, enc, self.config, self.device, self._amp(),
+                                       progress, torch.device("cpu"))
+        self.model.eval()
+        return enc.pool(feats.numpy())
+
     def _amp(self) -> torch.dtype | None:
         """The run's precision, where this device does it natively (so reloaded predictions
         match the metrics written at training time)."""
