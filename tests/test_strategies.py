@@ -96,7 +96,7 @@ def test_backbone_stays_bit_identical(strategy, tiny_bert, toy_csv, tmp_path):
     out = tmp_path / strategy
     train(config(tiny_bert, toy_csv, out, strategy, epochs=2, lr=1e-2), progress=False)
     before = _params(TextClassifier(load_backbone(str(tiny_bert)), 2).backbone)  # minus pooler
-    model = load(out).model
+    model = load(out, merge=False).model  # (LoRA: the adapter beside the weights, not in them)
     after = {}
     for n, p in model.backbone.named_parameters():  # strip wrapper prefixes, skip added weights
         if "lora_" in n or ".adapter." in n:
@@ -106,6 +106,12 @@ def test_backbone_stays_bit_identical(strategy, tiny_bert, toy_csv, tmp_path):
     assert before.keys() == after.keys()
     # (on a GPU a frozen backbone is kept in bf16: equal to the bf16 cast of the original)
     assert all(torch.equal(before[k].to(after[k]), after[k]) for k in before)
+    if strategy == "lora":  # reloaded to predict, the adapter is merged: the same probabilities
+        merged = load(out)
+        assert not any("lora_" in n for n, _ in merged.model.backbone.named_parameters())
+        texts = ["good film", "an awful, dull plot", "it was a film"]
+        assert np.allclose(merged.predict_proba(texts),
+                           load(out, merge=False).predict_proba(texts), atol=1e-5)
 
 
 def test_frozen_features_are_computed_once(tiny_bert, toy_csv, tmp_path, monkeypatch):

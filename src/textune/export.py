@@ -23,7 +23,7 @@ def export_run(run: str | Path, out: str | Path, merge: bool = True) -> Path:
     if is_prompt_run(run):
         raise UserError(f"{run}: a `textune prompt` run has no trained weights to export; "
                         f"textune.load / predict / serve take its folder as it is")
-    clf = load(run, device="cpu")
+    clf = load(run, device="cpu", merge=False)
     cfg = clf.config
     name = cfg.strategy.name
     if name == "adapter":
