@@ -106,9 +106,11 @@ def test_backbone_stays_bit_identical(strategy, tiny_bert, toy_csv, tmp_path):
     assert before.keys() == after.keys()
     # (on a GPU a frozen backbone is kept in bf16: equal to the bf16 cast of the original)
     assert all(torch.equal(before[k].to(after[k]), after[k]) for k in before)
-    if strategy == "lora":  # reloaded to predict, the adapter is merged: the same probabilities
-        merged = load(out)
-        assert not any("lora_" in n for n, _ in merged.model.backbone.named_parameters())
+    if strategy == "lora":  # reloaded to predict in fp32, the adapter is merged (in bf16 it
+        merged = load(out)  # stays beside the weights): the same probabilities either way
+        fp32 = merged._amp() is None and model.backbone.base_model.model.embeddings \
+            .word_embeddings.weight.dtype == torch.float32
+        assert fp32 == (not any("lora_" in n for n, _ in merged.model.backbone.named_parameters()))
         texts = ["good film", "an awful, dull plot", "it was a film"]
         assert np.allclose(merged.predict_proba(texts),
                            load(out, merge=False).predict_proba(texts), atol=1e-5)
