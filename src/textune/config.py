@@ -15,11 +15,11 @@ TRUNCATIONS = ("head", "head-tail", "windows")
 NO_WINDOWS_FOR_PAIRS = "--truncation windows: not for text pairs; choose head or head-tail"
 
 
-
 def launched_rank() -> int:
     """This process's rank among those `--num-processes` launched (0: the main one, or the
     only one), read from the launcher's environment before any process group exists."""
     return int(os.environ.get("RANK") or 0)
+
 
 @dataclass
 class DataArgs:
