@@ -699,6 +699,7 @@ def _backbone_features(model, data: Encoded, cfg: RunConfig, device, amp, progre
                        keep: torch.device) -> torch.Tensor:
     from .loop import inference_batches, inference_outputs
 
+    was_training = model.training
     model.eval()
     batches = inference_batches(data, cfg.train.eval_batch_size, device)
     if amp is not None and all(p.dtype == amp for p in model.backbone.parameters()
@@ -710,7 +711,7 @@ def _backbone_features(model, data: Encoded, cfg: RunConfig, device, amp, progre
     order = torch.as_tensor(np.concatenate(batches), device=keep)
     feats = torch.empty(len(data), model.hidden_size, device=keep)
     feats[order] = torch.cat(parts)
-    model.train()
+    model.train(was_training)
     return feats
 
 

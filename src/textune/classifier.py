@@ -215,7 +215,6 @@ class Classifier(Predictor):
         with torch.inference_mode():
             feats = _backbone_features(self.model, enc, self.config, self.device, self._amp(),
                                        progress, torch.device("cpu"))
-        self.model.eval()
         return enc.pool(feats.numpy())
 
     def _amp(self) -> torch.dtype | None:
