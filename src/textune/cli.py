@@ -185,17 +185,26 @@ def launch_processes(a) -> int | None:
         raise UserError(f"--num-processes {n}: must be 1 or more")
     if n == 1 or os.environ.get("TEXTUNE_LAUNCHED"):
         return None
-    import socket
-    import subprocess
-
-    import torch
-
     from .api import prepare_out_dir
 
     if not a.resume:
         if not a.out:
             raise UserError("--out DIR is required: the folder the run is written to")
         prepare_out_dir(a.out, a.overwrite)
+    argv = [x for x in a._argv]
+    if "--overwrite" in argv:  # the folder is already prepared (and empty)
+        argv.remove("--overwrite")
+    return run_launched(argv, n)
+
+
+def run_launched(argv: list[str], n: int) -> int:
+    """`textune ARGV` in ``n`` data-parallel processes (`accelerate launch`); its exit code.
+    The caller has prepared the run folder."""
+    import socket
+    import subprocess
+
+    import torch
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -212,9 +221,6 @@ def launch_processes(a) -> int | None:
     if not gpus:
         cmd += ["--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // n))]
         env["ACCELERATE_USE_CPU"] = "true"
-    argv = [x for x in a._argv]
-    if "--overwrite" in argv:  # the folder is already prepared (and empty)
-        argv.remove("--overwrite")
     cmd += ["-m", "textune.cli", *argv]
     log.info("launching %d processes: accelerate launch ... -m textune.cli %s", n,
              " ".join(argv))

@@ -148,10 +148,10 @@ def train_in_subprocess(cfg: RunConfig, progress: bool, processes: int = 1
 def _launched(cfg: RunConfig, progress: bool, processes: int) -> tuple[str, dict]:
     """The run as `textune train --num-processes N` would start it (accelerate launch), from its
     config in a file; its metrics from its folder."""
-    import argparse
     import tempfile
 
-    from .cli import launch_processes
+    from .api import prepare_out_dir
+    from .cli import run_launched
 
     fd, file = tempfile.mkstemp(prefix="textune-run-", suffix=".json")
     try:
@@ -160,9 +160,8 @@ def _launched(cfg: RunConfig, progress: bool, processes: int) -> tuple[str, dict
         argv = ["train", "--config-file", file, "--out", cfg.out] + ([] if progress
                                                                       else ["--quiet"])
         try:
-            code = launch_processes(argparse.Namespace(num_processes=processes, resume=None,
-                                                       out=cfg.out, overwrite=False,
-                                                       _argv=argv))
+            prepare_out_dir(cfg.out, False)
+            code = run_launched(argv, processes)
         except UserError as e:
             return str(e), {}
     finally:
