@@ -71,8 +71,7 @@ def make_pairs(labels: np.ndarray, iterations: int, seed: int, max_pairs: int = 
         for i, c in enumerate(labels):
             same = by_class[c]
             if len(same) > 1:
-                j = same[rng.integers(len(same) - 1)]
-                a.append(i), b.append(j if j != i else same[-1]), target.append(1.0)
+                a.append(i), b.append(_other(rng, same, i)), target.append(1.0)
             others = other_class[c]
             a.append(i), b.append(others[rng.integers(len(others))]), target.append(0.0)
     return _shuffled(rng, a, b, target, max_pairs)
@@ -101,13 +100,19 @@ def make_tag_pairs(tags: np.ndarray, iterations: int, seed: int, max_pairs: int 
         for _ in range(iterations):
             near = with_tag[own[rng.integers(len(own))]] if len(own) else untagged
             if len(near) > 1:
-                j = near[rng.integers(len(near) - 1)]
-                j = j if j != i else near[-1]
+                j = _other(rng, near, i)
                 a.append(i), b.append(j), target.append(overlap[j])
             if len(apart):
                 j = apart[rng.integers(len(apart))]
                 a.append(i), b.append(j), target.append(overlap[j])
     return _shuffled(rng, a, b, target, max_pairs)
+
+
+def _other(rng, rows: np.ndarray, i: int) -> int:
+    """A row of ``rows`` (which hold ``i``) other than ``i``, each equally likely: a draw from
+    all but the last, ``i`` standing for the last."""
+    j = rows[rng.integers(len(rows) - 1)]
+    return j if j != i else rows[-1]
 
 
 def _shuffled(rng, a, b, target, max_pairs):
