@@ -431,3 +431,14 @@ def test_cache_lists_sizes_and_clears_only_the_parts_named(tmp_path, monkeypatch
     assert main(["cache", "--clear", "runs"]) == 2
     assert "--clear runs: choose from" in capsys.readouterr().err
     assert (home / "models").exists()
+
+
+def test_several_runs_and_prompt_refuse_bad_counts(tmp_path, capsys):
+    for args, msg in ((["compare", "--data", "x.csv", "--num-processes", "0"],
+                       "--num-processes 0: must be 1 or more"),
+                      (["prompt", "--data", "x.csv", "--temperature-rows", "-1"],
+                       "--temperature-rows must be 0 or more")):
+        assert main([*args, "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err
+        assert not (tmp_path / "o").exists()  # (refused before any folder is made)

@@ -175,14 +175,19 @@ def _summary(m: dict) -> str:
     return "\n".join(lines)
 
 
+def check_processes(a) -> int:
+    """``--num-processes``, refused below 1 (before any folder is made)."""
+    if a.num_processes < 1:
+        raise UserError(f"--num-processes {a.num_processes}: must be 1 or more")
+    return a.num_processes
+
+
 def launch_processes(a) -> int | None:
     """``--num-processes N`` above 1 (train, pretrain): re-run this command in N data-parallel
     processes with `accelerate launch` (torch.distributed: gloo on CPU, NCCL on GPUs) and
     return its exit code; the folder is checked here, once. None: this process does the work
     (one process, or one of those launched)."""
-    n = a.num_processes
-    if n < 1:
-        raise UserError(f"--num-processes {n}: must be 1 or more")
+    n = check_processes(a)
     if n == 1 or os.environ.get("TEXTUNE_LAUNCHED"):
         return None
     from .api import prepare_out_dir
@@ -385,6 +390,7 @@ def _seeds(a) -> list[int] | None:
 
 
 def cmd_compare(a) -> int:
+    check_processes(a)
     from .api import prepare_out_dir
     from .compare import run_compare
 
@@ -404,6 +410,7 @@ def cmd_compare(a) -> int:
 
 
 def cmd_curve(a) -> int:
+    check_processes(a)
     from .api import prepare_out_dir
     from .curve import run_curve
 
@@ -416,6 +423,7 @@ def cmd_curve(a) -> int:
 
 
 def cmd_tune(a) -> int:
+    check_processes(a)
     import copy
 
     from .api import prepare_out_dir
@@ -445,6 +453,7 @@ def cmd_tune(a) -> int:
 
 
 def cmd_cv(a) -> int:
+    check_processes(a)
     from .api import prepare_out_dir
     from .cv import run_cv
 

@@ -470,6 +470,8 @@ def run_prompt(a: PromptArgs, *, progress: bool = True, overwrite: bool = False)
 
     if a.shots < 0:
         raise UserError("--shots must be 0 or more")
+    if a.temperature_rows < 0:
+        raise UserError("--temperature-rows must be 0 or more (0: no temperature)")
     if a.calibrate not in CALIBRATIONS:
         raise UserError(f"--calibrate {a.calibrate}: choose one of {', '.join(CALIBRATIONS)}")
     if a.label_score not in ("sum", "mean"):
