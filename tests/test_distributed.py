@@ -158,6 +158,36 @@ def test_compare_trains_each_run_in_several_processes(tiny_bert, toy_csv, tmp_pa
     assert [r["strategy"] for r in rows] == ["frozen", "full"]
     for r in rows:
         m = json.loads((out / r["strategy"] / "metrics.json").read_text())
-        assert r["status"] == "ok" and m["processes"] == 2
+        assert r["status"] == "ok" and m["processes"] == 2, done.stderr[-3000:]
         assert r["accuracy"] == m["accuracy"] and m["n_eval"] == 100
     assert done.stderr.count("launching 2 processes") == 2
+
+
+def test_saved_bytes_survives_a_folder_vanishing_while_it_is_listed(tmp_path):
+    """With several processes, rank 0 swaps and removes its checkpoint folders while the others
+    finish: counting the run's weights must not fail on a folder that went away (it did, on
+    CI: rglob raised FileNotFoundError, the rank exited 1 after rank 0 wrote metrics.json)."""
+    import shutil
+    import threading
+
+    from textune.api import saved_bytes
+
+    (tmp_path / "head.safetensors").write_bytes(b"x" * 10)
+    stop = threading.Event()
+
+    def churn():
+        while not stop.is_set():
+            d = tmp_path / "checkpoint.tmp" / "sub"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(5):
+                (d / f"f{i}.pt").write_bytes(b"y")
+            shutil.rmtree(tmp_path / "checkpoint.tmp", ignore_errors=True)
+
+    t = threading.Thread(target=churn)
+    t.start()
+    try:
+        sizes = {saved_bytes(tmp_path) for _ in range(1500)}
+    finally:
+        stop.set()
+        t.join()
+    assert sizes == {10}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -507,7 +508,7 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
         "grad_accum": cfg.train.grad_accum,
         "memory_plan_mb": {k: round(v / 2**20, 1) for k, v in plan.as_dict().items()
                            if isinstance(v, float)},
-        "saved_bytes": saved_bytes(out),
+        "saved_bytes": saved_bytes(out) if accelerator.is_main_process else 0,
         "textune_version": __version__,
     })
     if accelerator.is_main_process:
@@ -658,9 +659,16 @@ def _rebuild_for_load(cfg, splits, strategy, out):
 def saved_bytes(run: Path) -> int:
     """Size on disk of what reloading needs (weights, adapter, head), not of logs."""
     total = 0
-    for p in run.rglob("*"):
-        if p.is_file() and CKPT not in p.parts and p.suffix in (".safetensors", ".bin", ".pt"):
-            total += p.stat().st_size
+    # os.walk, not rglob: with several processes a folder may vanish while it is listed (another
+    # rank's checkpoint swap), which rglob raises on; the checkpoint is not counted anyway
+    for root, dirs, files in os.walk(run):
+        dirs[:] = [d for d in dirs if not d.startswith(CKPT)]
+        for f in files:
+            if f.endswith((".safetensors", ".bin", ".pt")):
+                try:
+                    total += os.stat(os.path.join(root, f)).st_size
+                except FileNotFoundError:
+                    pass
     return total
 
 
