@@ -251,6 +251,13 @@ def test_token_budget_training_learns(tiny_bert, toy_csv, tmp_path):
     rows_per_step = auto["splits"]["train"] / auto["steps"]
     default = get_strategy("full").default_lr
     assert lr == pytest.approx(default * (rows_per_step / 16) ** 0.5, rel=0.15)
+    # tune's default grid is centred on that learning rate (not on the unscaled default)
+    from textune.tuning import default_lr_grid
+
+    fresh = config(tiny_bert, toy_csv, tmp_path / "t", "full", epochs=1, batch_tokens=256)
+    [(_, _, values)] = default_lr_grid(fresh)
+    centre = [v for _, v in values][1]
+    assert centre == pytest.approx(lr, rel=0.03) and lr > 1.1 * default
 
 
 def test_gpu_chunked_prediction_equals_one_pass(tiny_bert, toy_csv, tmp_path, monkeypatch):

@@ -300,12 +300,7 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
         # token budgets change the rows per step: scale the default learning rate by the square
         # root of the ratio to --batch-size (measured on rt-polarity: 4x rows at 2x lr matched
         # Trainer's accuracy with 32 rows, at the same lr it fell 2.7 points; docs/BENCHMARKS.md)
-        from .loop import _global_batches
-
-        batches = _global_batches(enc["train"], cfg.train, 0, 1, cfg.train.padding_multiple(
-            "cuda" if torch.cuda.is_available() else "cpu"))
-        rows = len(enc["train"]) / len(batches)
-        lr = default * math.sqrt(rows / cfg.train.batch_size)
+        lr, rows = batch_tokens_lr(default, enc["train"].lengths, cfg.train)
         log.info("--batch-tokens %d: ~%.0f rows per step; default lr %.2e scaled by "
                  "sqrt(%.0f/%d) to %.2e (--lr sets it)", cfg.train.batch_tokens, rows, default,
                  rows, cfg.train.batch_size, lr)
@@ -654,6 +649,19 @@ def fit(data: str | Path, out: str | Path, *, overwrite: bool = False, progress:
 def _rebuild_for_load(cfg, splits, strategy, out):
     saved = strategy.saved_backbone(out)
     return build_model(cfg, len(splits.labels), str(saved) if saved else None)
+
+
+def batch_tokens_lr(default: float, lengths: np.ndarray, args) -> tuple[float, float]:
+    """The learning rate ``--batch-tokens`` without ``--lr`` trains with: ``default`` scaled by
+    sqrt(rows per step / --batch-size), the rows per step counted on the first epoch's batches
+    of rows this long; and that row count."""
+    from .data import batch_indices
+
+    multiple = args.padding_multiple("cuda" if torch.cuda.is_available() else "cpu")
+    batches = batch_indices(lengths, len(lengths), args.batch_tokens, shuffle=True,
+                            seed=args.seed, max_tokens=args.batch_tokens, multiple=multiple)
+    rows = len(lengths) / len(batches)
+    return default * math.sqrt(rows / args.batch_size), rows
 
 
 def saved_bytes(run: Path) -> int:

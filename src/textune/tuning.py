@@ -96,11 +96,36 @@ def default_lr_grid(base: RunConfig) -> list[tuple[str, str, list]]:
         if is_decoder(AutoConfig.from_pretrained(resolve_model(base.model.model))):
             default = strategy.default_lr_decoder
     if base.train.batch_tokens and not base.train.lr:
-        log.warning("--batch-tokens: train scales the default learning rate by sqrt(rows per "
-                    "step / --batch-size), tune's grid does not; give --lr to centre the grid "
-                    "where you want it")
+        default = _batch_tokens_default(base, default)
     values = [float(f"{default * k:.2g}") for k in (1 / 3, 1, 3)]
     return [("--lr", "lr", [(f"{v:g}", v) for v in values])]
+
+
+def _batch_tokens_default(base: RunConfig, default: float) -> float:
+    """``--batch-tokens`` without ``--lr``: train scales the default learning rate to the rows
+    its token budgets hold (api.batch_tokens_lr); the grid is centred there too, the rows
+    counted on (up to) 2,000 training texts' lengths."""
+    import numpy as np
+    from transformers import AutoConfig
+
+    from .api import batch_tokens_lr, load_splits
+    from .data import choose_max_length, model_max_length, text_lengths
+    from .modeling import load_tokenizer, resolve_model
+
+    src = resolve_model(base.model.model)
+    tokenizer = load_tokenizer(src)
+    cfg = copy.deepcopy(base)
+    if cfg.data.split_seed is None:
+        cfg.data.split_seed = cfg.split_seed
+    train = load_splits(cfg).train
+    lengths = text_lengths(tokenizer, train, seed=cfg.split_seed)
+    cap = model_max_length(tokenizer, AutoConfig.from_pretrained(src))
+    width = cfg.data.max_length or choose_max_length(lengths, cap)
+    lr, rows = batch_tokens_lr(default, np.minimum(lengths, width), cfg.train)
+    log.info("--batch-tokens %d: ~%.0f rows per step, so train's default learning rate is "
+             "%.2e (sqrt(%.0f/%d) x %.2e): the grid is centred there", cfg.train.batch_tokens,
+             rows, lr, rows, cfg.train.batch_size, default)
+    return lr
 
 
 def combinations(base: RunConfig, grid: list[tuple[str, str, list]], apply) -> list[dict]:
