@@ -139,3 +139,23 @@ def test_shutdown_finishes_in_flight_requests(tmp_path):
     thread.join(20)
     assert answer.get("status") == 200 and answer["body"]["labels"] == ["pos"]
     assert not thread.is_alive()
+
+
+def test_serve_refuses_a_bad_or_taken_address_in_one_line_before_loading(tmp_path, capsys):
+    """A port out of range, a host that does not resolve, a port another server listens on:
+    one line naming the flag, exit 2, before the run is read (the folder here is not a run)."""
+    import socket
+
+    from textune.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for flags, said in ((["--port", "99999"], "--port 99999"),
+                            (["--host", "bad..host"], "--host bad..host"),
+                            (["--port", str(port)], f"--port {port}: cannot listen")):
+            capsys.readouterr()
+            assert main(["serve", str(tmp_path), *flags]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and said in err, err

@@ -208,6 +208,28 @@ def create_app(clf, run: Path, limits: Limits | None = None):
     return app
 
 
+def check_address(host: str, port: int) -> None:
+    """A one-line error for a port out of range, a host that does not resolve, or an address
+    this machine cannot listen on (another server has it, a privileged port), instead of
+    uvicorn's traceback or exit code 3 after the model has loaded."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port}: must be between 0 and 65535")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise UserError(f"--host {host}: not an address of this machine ({e}); 127.0.0.1 "
+                        f"serves this machine only, 0.0.0.0 every network") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); "
+                            f"another server may have it: choose another --port") from None
+
+
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000,
           limits: Limits | None = None) -> None:
     try:
@@ -217,6 +239,7 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000,
             from None
     from .classifier import load
 
+    check_address(host, port)  # before the model loads: a taken port is said at once
     run = Path(run)
     clf = load(run)
     if clf.config.data.text_pair_col:
