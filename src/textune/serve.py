@@ -219,7 +219,7 @@ def check_address(host: str, port: int) -> None:
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except (socket.gaierror, UnicodeError) as e:
-        raise UserError(f"--host {host}: not an address of this machine ({e}); 127.0.0.1 "
+        raise UserError(f"--host {host}: not a host name or address ({e}); 127.0.0.1 "
                         f"serves this machine only, 0.0.0.0 every network") from None
     with socket.socket(family, kind, proto) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
