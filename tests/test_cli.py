@@ -315,6 +315,25 @@ def test_bad_flag_values(capsys, tmp_path, toy_csv, flag, value):
     assert code == 2 and flag in one_line_error(err)
 
 
+@pytest.mark.parametrize("args,said", [
+    (["train", "--lr", "abc"], "textune train: error: argument --lr: invalid float value"),
+    (["plan", "--batch-size", "0"], "textune plan: error: argument --batch-size"),
+    (["bogus"], "textune: error: argument command: invalid choice: 'bogus'"),
+    (["train", "--learning-rate", "1e-4", "--num_train_epochs", "3"],
+     "--learning-rate: did you mean --lr?; --num_train_epochs: did you mean --epochs?"),
+    (["predict", "run", "--input", "x", "--min-confidnce", "0.9"],
+     "textune predict: error: unrecognized arguments: --min-confidnce 0.9 (--min-confidnce: "
+     "did you mean --min-confidence?)")])
+def test_argparse_errors_are_one_line(capsys, args, said):
+    """A bad value, an unknown command or flag: one line (the flag, a near or Trainer-named
+    flag's textune name, where the options are listed), exit 2; not argparse's usage block."""
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and said in err, err
+    assert "usage:" not in err and f"`{err.split(':')[0]} --help` lists the options" in err
+
+
 def test_windows_refuse_text_pairs(capsys, tmp_path, toy_csv):
     code, _, err = run_cli(capsys, "train", "--data", str(toy_csv), "--out", str(tmp_path / "o"),
                            "--text-pair-col", "label", "--truncation", "windows")

@@ -651,10 +651,19 @@ def cmd_cache(a) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors (an unknown flag, a bad value) in one line, as textune's own
+    are: the problem and where the options are listed, not the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="textune", description=__doc__)
+    p = Parser(prog="textune", description=__doc__)
     p.add_argument("--version", action="version", version=f"textune {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    p.commands = sub.choices  # (name -> its parser: main() names a command's unknown flags)
 
     def common(sp):
         sp.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -915,9 +924,31 @@ def setup_logging(debug: bool) -> None:
         pass
 
 
+TRAINER_NAMES = {"--learning-rate": "--lr", "--num-train-epochs": "--epochs",
+                 "--num-epochs": "--epochs", "--per-device-train-batch-size": "--batch-size",
+                 "--train-batch-size": "--batch-size", "--model-name-or-path": "--model",
+                 "--model-name": "--model", "--output-dir": "--out", "--train-file": "--data",
+                 "--validation-file": "--val", "--test-file": "--test",
+                 "--gradient-accumulation-steps": "--grad-accum",
+                 "--max-seq-length": "--max-length",
+                 "--bf16": "--precision"}
+"""Hugging Face Trainer / example-script flags a user may type, and textune's own."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    a = parser.parse_args(argv)
+    a, extra = parser.parse_known_args(argv)
+    if extra:  # said by the command's own parser, with the nearest flag for a misspelt one
+        import difflib
+
+        sp = parser.commands[a.command]
+        flags = {f: f for f in sp._option_string_actions if f.startswith("--")}
+        flags.update({k: v for k, v in TRAINER_NAMES.items() if v in flags})
+        near = [f"{x}: did you mean {flags[m[0]]}?" for x in extra if x.startswith("--") and
+                (m := difflib.get_close_matches(x.split("=")[0].replace("_", "-"), flags, 1,
+                                                0.75))]
+        sp.error(f"unrecognized arguments: {' '.join(extra)}"
+                 + (f" ({'; '.join(near)})" if near else ""))
     a._argv = list(sys.argv[1:] if argv is None else argv)
     setup_logging(a.debug)
     try:
