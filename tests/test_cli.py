@@ -224,6 +224,15 @@ def test_predict_keeps_every_row_and_column(capsys, tmp_path, tiny_bert, monkeyp
         code, _, err = run_cli(capsys, "predict", str(out), "--input", str(inp), "--output",
                                str(tmp_path / "p.parquet"))
         assert code == 2 and "pyarrow" in one_line_error(err)
+    # --output in folders not made yet: made; under a file, or a folder itself: one line, first
+    dest = tmp_path / "new" / "dir" / "p.csv"
+    code, _, err = run_cli(capsys, "predict", str(out), "--input", str(inp), "--output",
+                           str(dest), "--quiet")
+    assert code == 0 and len(pd.read_csv(dest)) == 3, err
+    for bad, said in ((inp / "p.csv", "is a file"), (tmp_path / "new", "is a folder")):
+        code, _, err = run_cli(capsys, "predict", str(out), "--input", str(inp), "--output",
+                               str(bad), "--overwrite", "--quiet")
+        assert code == 2 and said in one_line_error(err)
     # pairs are required: stdin lines (single texts) and the Python API without pairs= refuse
     monkeypatch.setattr("sys.stdin", io.StringIO("good film\n"))
     code, _, err = run_cli(capsys, "predict", str(out), "--input", "-")

@@ -357,8 +357,20 @@ def _engine(suffix: str) -> str | None:
 
 
 def check_writable(path: str | Path) -> None:
-    """Before hours of work: the format ``path`` names can be written here."""
-    engine = _engine(Path(path).suffix.lower())
+    """Before hours of work: the format ``path`` names can be written here, where a file can
+    be (its missing folders are made when it is written)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--output {path}: is a folder; give a file name, e.g. "
+                        f"{path / 'predictions.csv'}")
+    above = path.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir() or not os.access(above, os.W_OK):
+        raise UserError(f"--output {path}: cannot be written ({above} is "
+                        f"{'a file' if not above.is_dir() else 'not writable'}); choose another "
+                        f"place")
+    engine = _engine(path.suffix.lower())
     if engine is None:
         return
     import importlib.util
@@ -394,6 +406,7 @@ def write_frame(df, path: str | Path) -> None:
     write leaves whatever was there."""
     path = Path(path)
     suffix = path.suffix.lower()
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
         if suffix in (".jsonl", ".json", ".ndjson"):
