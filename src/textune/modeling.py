@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 from pathlib import Path
 
@@ -289,6 +290,10 @@ class TextClassifier(nn.Module):
         if self.pooling not in POOLINGS[1:]:
             raise UserError(f"--pooling {pooling}: choose one of {', '.join(POOLINGS)}")
         self.hidden_size = cfg.hidden_size
+        # segment ids only where the backbone has more than one segment embedding (RoBERTa and
+        # XLM-R have one: a tokenizer's second-segment ids would index past it)
+        self.segments = getattr(cfg, "type_vocab_size", 2) >= 2 and "token_type_ids" in \
+            inspect.signature(backbone.forward).parameters
         self.head = ClassifierHead(cfg.hidden_size, num_labels, head, dropout)
         # A causal model reading right-padded rows needs no attention mask: a real token only
         # ever attends to earlier, real tokens, and pads are never pooled. Dropping the mask
@@ -297,7 +302,8 @@ class TextClassifier(nn.Module):
 
     def features(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         """Pooled features. Rows must be right-padded (textune's collation always is)."""
-        kw = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        kw = {"token_type_ids": token_type_ids} if token_type_ids is not None and \
+            self.segments else {}
         mask = None if self.causal else attention_mask
         out = self.backbone(input_ids=input_ids, attention_mask=mask, **kw)
         return pool(out.last_hidden_state, attention_mask, self.pooling)

@@ -31,11 +31,16 @@ _SITES = {
     "xlm-roberta": ("attention.output.dense", "layer.{}.output.dense"),
     "electra": ("attention.output.dense", "layer.{}.output.dense"),
     "distilbert": ("attention.out_lin", "ffn.lin2"),
+    "deberta": ("attention.output.dense", "layer.{}.output.dense"),
+    "deberta-v2": ("attention.output.dense", "layer.{}.output.dense"),
+    "modernbert": ("attn.Wo", "mlp.Wo"),
     "llama": ("self_attn.o_proj", "mlp.down_proj"),
     "mistral": ("self_attn.o_proj", "mlp.down_proj"),
     "qwen2": ("self_attn.o_proj", "mlp.down_proj"),
     "gemma3_text": ("self_attn.o_proj", "mlp.down_proj"),
 }
+LLAMA_SITES = ("self_attn.o_proj", "mlp.down_proj")
+"""Other decoders named as LLaMA is (Qwen3, Gemma 2, Phi-3, OLMo, Granite...) take these."""
 
 
 class Bottleneck(nn.Module):
@@ -68,10 +73,12 @@ class WithAdapter(nn.Module):
 
 def adapter_sites(backbone: nn.Module, where: str) -> list[str]:
     mt = getattr(backbone.config, "model_type", "")
-    if mt not in _SITES:
+    linear = [n for n, m in backbone.named_modules() if isinstance(m, nn.Linear)]
+    if mt not in _SITES and not all(any(n.endswith(s) for n in linear) for s in LLAMA_SITES):
         raise UserError(f"--strategy adapter does not know where to insert adapters in a "
-                        f"{mt!r} model (known: {', '.join(_SITES)}); use --strategy lora")
-    attn, ffn = _SITES[mt]
+                        f"{mt!r} model (known: {', '.join(_SITES)}, and decoders with LLaMA's "
+                        f"o_proj / down_proj); use --strategy lora")
+    attn, ffn = _SITES.get(mt, LLAMA_SITES)
     names = []
     for name, mod in backbone.named_modules():
         if not isinstance(mod, nn.Linear):

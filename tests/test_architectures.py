@@ -1,0 +1,81 @@
+"""Other encoder and decoder families than BERT and LLaMA, as users pass them: tiny random
+models of each (the test vocabulary), trained, reloaded and predicting alike."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import textune
+from textune.api import train
+from textune.config import DataArgs, ModelArgs, RunConfig, StrategyArgs, TrainArgs
+
+from .conftest import FILL, NEG, POS, make_tokenizer, toy_rows, write_csv
+
+VOCAB = 5 + len(set(POS + NEG + FILL)) + 10
+SMALL = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+             intermediate_size=64, max_position_embeddings=128)
+
+
+def build(kind: str, path):
+    import torch
+    import transformers as T
+
+    make_tokenizer(path, POS + NEG + FILL + [str(i) for i in range(10)])
+    if kind == "roberta":  # a tokenizer that gives segment ids (0 first text, 1 the second)
+        conf = json.loads((path / "tokenizer_config.json").read_text())
+        conf["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
+        (path / "tokenizer_config.json").write_text(json.dumps(conf))
+        assert T.AutoTokenizer.from_pretrained(path)("a", "b")["token_type_ids"][-1] == 1
+    torch.manual_seed(0)
+    cfg = {
+        # one segment embedding: the tokenizer's second-segment ids must not reach it
+        "roberta": lambda: T.RobertaConfig(type_vocab_size=1, pad_token_id=0, **SMALL),
+        "deberta-v2": lambda: T.DebertaV2Config(type_vocab_size=0, pad_token_id=0, **SMALL),
+        "modernbert": lambda: T.ModernBertConfig(
+            pad_token_id=0, bos_token_id=2, eos_token_id=3, cls_token_id=2, sep_token_id=3,
+            global_attn_every_n_layers=1, **{k: v for k, v in SMALL.items()
+                                             if k != "max_position_embeddings"}),
+        # a decoder not in the adapter table, named as LLaMA is (o_proj, down_proj)
+        "phi3": lambda: T.Phi3Config(num_key_value_heads=2, pad_token_id=0, **SMALL),
+        "gpt2": lambda: T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2),
+    }[kind]()
+    T.AutoModel.from_config(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("kind,strategy,pairs,sites", [
+    ("roberta", "full", True, None), ("deberta-v2", "adapter", False, 4),
+    ("modernbert", "adapter", False, 4), ("phi3", "adapter", False, 4)])
+def test_family_trains_and_reloads(kind, strategy, pairs, sites, tmp_path):
+    import pandas as pd
+
+    rows = toy_rows(200)
+    data = write_csv(tmp_path / "toy.csv", [(t, "ctx " + t.split()[0], y) for t, y in rows],
+                     header=("text", "context", "label")) if pairs else \
+        write_csv(tmp_path / "toy.csv", rows)
+    out = tmp_path / "run"
+    cfg = RunConfig(DataArgs(str(data), max_length=32, text_pair_col="context" if pairs else None),
+                    ModelArgs(str(build(kind, tmp_path / kind))), StrategyArgs(strategy),
+                    TrainArgs(epochs=1, batch_size=16, lr=1e-3, seed=0), str(out))
+    m = train(cfg, progress=False)
+    assert m["n_eval"] == 20 and 0 <= m["accuracy"] <= 1
+    if sites:  # a bottleneck (down 32x2+2, up 2x32+32) after each attention and FFN output
+        head = 32 * 2 + 2
+        assert m["trainable_params"] == sites * (32 * 2 + 2 + 2 * 32 + 32) + head, m
+    clf = textune.load(out)
+    pred = pd.read_csv(out / "predictions.csv")
+    probs = clf.predict_proba(pred["text"].tolist(),
+                              pred["text_pair"].tolist() if pairs else None)
+    assert np.allclose(probs, pred[["p_neg", "p_pos"]].to_numpy(), atol=1e-4)
+
+
+def test_adapter_refuses_a_family_it_cannot_place_in_one_line(tmp_path, toy_csv):
+    from textune.errors import UserError
+
+    cfg = RunConfig(DataArgs(str(toy_csv), max_length=32), ModelArgs(str(build("gpt2", tmp_path))),
+                    StrategyArgs("adapter"), TrainArgs(epochs=1), str(tmp_path / "o"))
+    with pytest.raises(UserError, match="'gpt2' model .* use --strategy lora"):
+        train(cfg, progress=False)
