@@ -383,8 +383,10 @@ def test_fit_from_python(tiny_bert, toy_csv, tmp_path):
     texts = ["good film", "a terrible, dull film", "it was fine"]
     emb = clf.embed(texts)
     assert emb.shape == (3, clf.model.hidden_size) and not clf.model.training
-    with torch.inference_mode():
-        head = clf.model.head(torch.from_numpy(emb)).numpy()
+    amp = clf._amp()  # bf16 where the CPU does it natively (AVX512-BF16/AMX), as predict runs
+    with torch.inference_mode(), torch.autocast("cpu", dtype=amp or torch.bfloat16,
+                                                enabled=amp is not None):
+        head = clf.model.head(torch.from_numpy(emb)).float().numpy()
     assert np.allclose(head, clf.logits(texts), atol=1e-4)
     assert textune.train is textune.api.train  # (the function, every time: not the loop module)
     assert textune.train is textune.api.train
@@ -447,10 +449,24 @@ def test_windows_read_past_max_length(strategy, tiny_bert, toy_csv, tmp_path):
     assert any("--truncation windows" in c for c in caveats(res["head"]))
     assert not any("--truncation windows" in c for c in caveats(w))
     assert w["n_eval"] == res["head"]["n_eval"]  # texts are scored, not windows
-    assert w["accuracy"] >= res["head"]["accuracy"] + 0.05, res
     clf = textune.load(tmp_path / "windows")
     table = textune.api.load_splits(textune.config.RunConfig.load(
         tmp_path / "windows" / "config.json")).test
+    # test texts whose cue word lies past the first window: flipping it (pos <-> neg) cannot move
+    # the head run's probabilities (it never reads it) and must move the windows run's
+    from .conftest import NEG, POS
+
+    flip = {**dict(zip(POS, NEG)), **dict(zip(NEG, POS))}
+    late = [t for t in table.texts if next(i for i, x in enumerate(t.split()) if x in flip) >= 6]
+    flipped = [" ".join(flip.get(x, x) for x in t.split()) for t in late]
+    assert len(late) >= 8
+    head_clf = textune.load(tmp_path / "head")
+    assert np.array_equal(head_clf.predict_proba(late), head_clf.predict_proba(flipped))
+    assert np.abs(clf.predict_proba(late) - clf.predict_proba(flipped)).max() > 0.05
+    if strategy == "full":  # a trained backbone reads the cue: accuracy shows it (a random,
+        # frozen 32-wide one gives weak features: 0.71-0.82 with windows vs 0.69-0.74 without,
+        # seed to seed, not always ahead)
+        assert w["accuracy"] >= res["head"]["accuracy"] + 0.05, res
     assert clf.evaluate(table)["accuracy"] == pytest.approx(w["accuracy"], abs=1e-9)
     assert clf.predict_proba(["the film was a movie plot and it story " + "good"]).shape == (1, 2)
     # the head run read in windows at prediction time (eval/predict --truncation windows)
