@@ -33,6 +33,31 @@ def test_missing_column_lists_columns(tmp_path):
         read_table(p, text_col="foo", label_col="nope")
 
 
+def test_unknown_column_names_get_a_guess(tmp_path):
+    rows = [(str(i), f"a rather long review number {i}", "5" if i % 2 else "1") for i in range(40)]
+    p = write_csv(tmp_path / "a.csv", rows, header=("id", "review_body", "stars"))
+    with pytest.raises(UserError, match=r"--text-col NAME \('review_body' looks like it\)$"):
+        read_table(p)
+    with pytest.raises(UserError, match=r"--label-col NAME \('stars' looks like it\)$"):
+        read_table(p, text_col="review_body")  # (not id: every value differs)
+    assert read_table(p, text_col="review_body", label_col="stars").labels[:2] == ["1", "5"]
+    (tmp_path / "empty.csv").write_text("\n")
+    with pytest.raises(UserError, match=r"empty.csv: the file is empty$"):
+        read_table(tmp_path / "empty.csv")
+
+
+def test_labels_differing_in_case_are_warned_about(tmp_path, caplog):
+    rows = [("a", "pos"), ("b", "Pos"), ("c", "pos"), ("d", "neg"), ("e", "very  bad"),
+            ("f", "Very bad")]
+    t = read_table(write_csv(tmp_path / "a.csv", rows))
+    assert sorted(set(t.labels)) == ["Pos", "Very bad", "neg", "pos", "very  bad"]  # kept apart
+    assert "labels 'pos' (2 rows) and 'Pos' (1 rows) differ only in case" in caplog.text
+    assert "'very  bad' (1 rows) and 'Very bad' (1 rows)" in caplog.text
+    caplog.clear()
+    read_table(write_csv(tmp_path / "b.csv", [("a", "pos"), ("b", "neg")]))
+    assert "differ only" not in caplog.text
+
+
 def test_semicolon_csv_and_misquoted_rows(tmp_path):
     (tmp_path / "semi.csv").write_text("text;label\ngood, fine;pos\nbad;neg\n")
     t = read_table(tmp_path / "semi.csv")

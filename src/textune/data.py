@@ -88,6 +88,8 @@ def _read_frame(path: Path):
     suffix = path.suffix.lower()
     with open(path, "rb") as f:
         head = f.read(8192)
+    if not head.strip():
+        raise UserError(f"{path}: the file is empty")
     if suffix == ".xls":
         raise UserError(f"{path}: old-style .xls is not read; save the sheet as .xlsx or CSV")
     if suffix not in (".parquet", ".xlsx", ".xlsm") and b"\x00" in head:
@@ -165,7 +167,7 @@ def _ragged(path: Path, sep: str) -> str:
 
 
 def _pick(columns: list[str], flag: str, given: str | None, names: tuple[str, ...], path: Path,
-          required: bool) -> str | None:
+          required: bool, df=None, exclude=None) -> str | None:
     if given is not None:
         if given not in columns:
             raise UserError(f"{path}: no column {given!r} ({flag}); columns found: "
@@ -176,9 +178,45 @@ def _pick(columns: list[str], flag: str, given: str | None, names: tuple[str, ..
         if n in lower:
             return lower[n]
     if required:
-        raise UserError(f"{path}: cannot tell which column is the {flag[2:].replace('-col', '')}; "
-                        f"columns found: {', '.join(map(str, columns))}; pass {flag} NAME")
+        what = flag[2:].replace('-col', '')
+        hint = _likely_column(df, what, exclude) if df is not None else None
+        raise UserError(f"{path}: cannot tell which column is the {what}; columns found: "
+                        f"{', '.join(map(str, columns))}; pass {flag} NAME"
+                        + (f" ({hint!r} looks like it)" if hint is not None else ""))
     return None
+
+
+def _likely_column(df, what: str, exclude=None):
+    """For the error when no column has a known name: the column that looks like the text (the
+    longest values, not numbers) or the label (the fewest distinct values, 2 at least, far fewer
+    than the rows), or None."""
+    sample = df.head(2000)
+    best, best_key = None, None
+    for c in sample.columns:
+        if c == exclude:
+            continue
+        vals = [str(v) for v in sample[c].tolist() if not _isna(v) and str(v).strip()]
+        if not vals:
+            continue
+        if what == "text":
+            if all(_is_number(v) for v in vals[:200]):
+                continue
+            key = sum(map(len, vals)) / len(vals)
+            if best_key is None or key > best_key:
+                best, best_key = c, key
+        else:
+            n = len(set(vals))
+            if 2 <= n <= max(2, len(vals) // 4) and (best_key is None or n < best_key):
+                best, best_key = c, n
+    return best
+
+
+def _is_number(v: str) -> bool:
+    try:
+        float(v)
+        return True
+    except ValueError:
+        return False
 
 
 def _where(path: Path, i: int) -> str:
@@ -224,7 +262,7 @@ def read_table(path: str | Path, *, text_col: str | None = None, label_col: str 
     path = Path(path)
     df = _frame(path)
     cols = list(df.columns)
-    tcol = _pick(cols, "--text-col", text_col, TEXT_NAMES, path, True)
+    tcol = _pick(cols, "--text-col", text_col, TEXT_NAMES, path, True, df)
     pcol = _pick(cols, "--text-pair-col", pair_col, PAIR_NAMES, path, False) if pair_col else None
     texts = _strings(df[tcol])
     keep = [i for i, t in enumerate(texts) if t.strip()]
@@ -236,10 +274,11 @@ def read_table(path: str | Path, *, text_col: str | None = None, label_col: str 
             raise UserError(f"{path}: every text is empty (text column {tcol!r}); is --text-col "
                             f"right?")
         tags, sep = read_tags(df, path, label_col, label_sep)
+        warn_spellings(path, [t for i in keep for t in tags[i]])
         pairs = None if pcol is None else _strings(df[pcol].iloc[keep])
         return Table([texts[i] for i in keep], [tags[i] for i in keep], pairs, str(path), sep,
                      keep)
-    lcol = _pick(cols, "--label-col", label_col, LABEL_NAMES, path, require_labels)
+    lcol = _pick(cols, "--label-col", label_col, LABEL_NAMES, path, require_labels, df, tcol)
     labels = None
     if lcol is not None:
         raw = df[lcol].tolist()
@@ -250,6 +289,7 @@ def read_table(path: str | Path, *, text_col: str | None = None, label_col: str 
                         len(missing), _where(path, missing[0]))
             keep = [i for i in keep if labels_all[i] is not None]
         labels = [labels_all[i] for i in keep]
+        warn_spellings(path, labels)
     if not keep:
         raise UserError(f"{path}: no rows left after dropping {len(texts)} with an empty text or "
                         f"label (text column {tcol!r}); is --text-col right?")
@@ -257,6 +297,23 @@ def read_table(path: str | Path, *, text_col: str | None = None, label_col: str 
     if pcol is not None:
         pairs = _strings(df[pcol].iloc[keep])
     return Table([texts[i] for i in keep], labels, pairs, str(path), rows=keep)
+
+
+def warn_spellings(path: Path, labels: list[str]) -> list[list[str]]:
+    """Warn about labels that differ only in case or inner spacing ('Pos' and 'pos'): they
+    train as different classes, which is rarely what the file meant. Returns the groups."""
+    from collections import Counter
+
+    counts = Counter(labels)
+    groups: dict[str, list[str]] = {}
+    for name in counts:
+        groups.setdefault(" ".join(name.casefold().split()), []).append(name)
+    clashes = [sorted(g, key=lambda n: -counts[n]) for g in groups.values() if len(g) > 1]
+    for g in clashes:
+        log.warning("%s: labels %s differ only in case or spacing; they are trained as %d "
+                    "different classes. If they are one, write them alike in the file",
+                    path, " and ".join(f"{n!r} ({counts[n]} rows)" for n in g), len(g))
+    return clashes
 
 
 TAG_SEPARATORS = ("|", ";", ",")
@@ -335,7 +392,7 @@ def read_inputs(path: str | Path, *, text_col: str | None = None, pair_col: str 
     cols = list(df.columns)
     if text_col is None and run_text_col in cols:
         text_col = run_text_col
-    tcol = _pick(cols, "--text-col", text_col, TEXT_NAMES, path, True)
+    tcol = _pick(cols, "--text-col", text_col, TEXT_NAMES, path, True, df)
     pcol = _pick(cols, "--text-pair-col", pair_col, PAIR_NAMES, path, False) if pair_col else None
     texts = _strings(df[tcol])
     keep = [i for i, t in enumerate(texts) if t.strip()]
