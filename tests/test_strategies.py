@@ -480,3 +480,22 @@ def test_windows_read_past_max_length(strategy, tiny_bert, toy_csv, tmp_path):
     # the same weights now see cue words past the head (measured: full 0.92 -> 0.95, frozen
     # 0.69 -> 0.73; the run trained on windows does better still)
     assert m["accuracy"] > res["head"]["accuracy"]
+
+
+def test_compile_on_a_cpu_trains_eager_and_says_so(tiny_bert, toy_csv, tmp_path, caplog,
+                                                    monkeypatch):
+    """--compile without a GPU: a warning, eager training (measured 3x slower compiled on CPU),
+    and the run's config says what ran."""
+    if torch.cuda.is_available():
+        pytest.skip("the CPU case")
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: calls.append(m) or m)
+    m = train(config(tiny_bert, toy_csv, tmp_path / "r", "full", epochs=1, compile=True),
+              progress=False)
+    assert "--compile is for GPUs" in caplog.text and not calls
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert saved["train"]["compile"] is False and m["accuracy"] > 0
+    monkeypatch.setenv("TEXTUNE_CPU_COMPILE", "1")  # the way to compile anyway
+    train(config(tiny_bert, toy_csv, tmp_path / "c", "full", epochs=1, compile=True),
+          progress=False)
+    assert len(calls) == 1

@@ -133,7 +133,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                         "multi-label: threshold, one decision threshold for all tags chosen "
                         "there for the best F1, or per-tag; auto: temperature or threshold")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile (GPU; pays a warm-up per length bucket, for long jobs)")
+                   help="torch.compile (GPU only: ignored on a CPU, where it is slower; pays a "
+                        "warm-up per length bucket, for long jobs)")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps too")
     g.add_argument("--log-every", type=int, default=0, help="0: ~100 points per run")
 
