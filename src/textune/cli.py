@@ -460,7 +460,7 @@ def cmd_cv(a) -> int:
 
     out = prepare_out_dir(a.out, a.overwrite)
     s = run_cv(config_from_args(a, a.strategy), a.folds, out, progress=not a.quiet,
-                   processes=a.num_processes)
+               processes=a.num_processes)
     print((out / "cv.md").read_text())
     print(f"table: {out / 'cv.md'}" + (f"  every row: {out / 'predictions.csv'}  report: "
                                        f"{out / 'report.html'}" if "pooled" in s else ""))
