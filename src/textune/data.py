@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import os
+import shlex
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,8 +139,10 @@ def _not_utf8(path: Path, raw: bytes) -> UserError:
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         where = f" at line {line}"
-    return UserError(f"{path}: not valid UTF-8{where}; re-save it as UTF-8 (it may be Latin-1 "
-                     f"or Windows-1252)")
+    fixed = path.with_name(f"{path.stem}-utf8{path.suffix}")
+    return UserError(f"{path}: not valid UTF-8{where}; re-save it as UTF-8 (from Excel's "
+                     f"Windows-1252, say: iconv -f CP1252 -t UTF-8 {shlex.quote(str(path))} > "
+                     f"{shlex.quote(str(fixed))})")
 
 
 def _separator(header: bytes, default: str) -> str:
