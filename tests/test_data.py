@@ -149,6 +149,31 @@ def test_split_errors_name_the_class():
         split_indices(t1, 0.1, 0.1, 0)
 
 
+def test_rare_classes_are_named_and_can_be_left_out(tmp_path, caplog):
+    """Classes too rare to split: the error names the rarest, counts the others and gives the
+    flag; --drop-classes-under leaves their rows out, says so, and the run records it."""
+    from textune.api import load_splits
+    from textune.config import DataArgs, RunConfig
+    from textune.report import caveats
+
+    rows = toy_rows(200) + [("odd one", "odd"), ("odd two", "odd"), ("odd two", "odd"),
+                            ("lone", "lone"), ("odd three", "odd")]
+    cfg = RunConfig(DataArgs(str(write_csv(tmp_path / "a.csv", rows))))
+    with pytest.raises(UserError, match=r"class 'lone' has only 1 distinct text\(s\) \(and 1 "
+                       r"more classes under 4\).*--drop-classes-under 4 to leave them out"):
+        load_splits(cfg)
+    cfg.data.drop_classes_under = 4
+    s = load_splits(cfg)
+    assert s.labels == ["neg", "pos"] and s.split["classes_dropped"] == {"lone": 1, "odd": 4}
+    assert len(s.train) + len(s.val) + len(s.test) == 200
+    assert "leaves out 5 rows of 2 classes: 'lone' (1), 'odd' (4)" in caplog.text
+    assert any("2 classes with too few texts were left out" in c
+               for c in caveats({"splits": s.split}))
+    cfg.data.drop_classes_under = 3  # 'odd' has 3 distinct texts (a duplicate counts once)
+    with pytest.raises(UserError, match=r"class 'odd' has only 3 .* to leave it out"):
+        load_splits(cfg)
+
+
 def test_encode_head_tail_keeps_both_ends(tiny_bert):
     from transformers import AutoTokenizer
 

@@ -26,6 +26,7 @@ from .data import (
     Table,
     build_label_names,
     choose_max_length,
+    drop_rare_classes,
     encode,
     limit_indices,
     model_max_length,
@@ -114,6 +115,9 @@ def load_splits(cfg: RunConfig) -> Splits:
     if d.multi_label and d.label_sep is None:
         d.label_sep = main.label_sep  # (val / test files split as the training file)
         cols["label_sep"] = d.label_sep
+    dropped = None
+    if d.drop_classes_under:
+        main, dropped = drop_rare_classes(main, d.drop_classes_under)
     val = read_table(resolve_data(d.val), **cols) if d.val else None
     test = read_table(resolve_data(d.test), **cols) if d.test else None
     tr, va, te = split_indices(main, d.val_fraction, d.test_fraction, cfg.split_seed,
@@ -147,6 +151,8 @@ def load_splits(cfg: RunConfig) -> Splits:
                  f", test = fold {d.fold} of {d.folds}" if d.folds else "")}
     if n_excluded is not None:
         split["excluded_from_train"] = n_excluded
+    if dropped:
+        split["classes_dropped"] = dropped
     # (the split made here keeps duplicates together; files given by the user may overlap)
     seen = set(train.keys())
     for name, given, part in (("val", d.val, val), ("test", d.test, test)):

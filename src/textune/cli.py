@@ -64,6 +64,9 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--label-sep", help="separator of a multi-label cell's tags (default: found: "
                                        "| ; or ,)")
     g.add_argument("--limit", type=int, help="cap training rows (stratified sample)")
+    g.add_argument("--drop-classes-under", type=int, default=0, metavar="N",
+                   help="leave out classes with fewer than N distinct texts (too rare to split "
+                        "into train/val/test), with a warning naming them")
     g.add_argument("--exclude-rows", metavar="FILE",
                    help="leave the rows of --data listed in FILE's `row` column (textune cv's "
                         "label_issues.csv) out of training; val/test keep them")

@@ -32,6 +32,9 @@ class DataArgs:
     text_pair_col: str | None = None
     limit: int | None = None
     """Cap on training rows (a stratified sample); validation and test are not capped."""
+    drop_classes_under: int = 0
+    """Leave out the rows of classes with fewer than this many distinct texts (too few to
+    stratify a train/val/test split; 0: refuse such data with an error naming them)."""
     exclude_rows: str | None = None
     """A file with a ``row`` column (``textune cv``'s label_issues.csv): those rows of --data
     are left out of the training split; validation and test keep them, so runs with and without

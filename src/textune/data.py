@@ -543,6 +543,44 @@ def save_labels(names: list[str], path: Path) -> None:
 # splits
 
 
+def distinct_texts(table: Table) -> dict[str, int]:
+    """Each label's number of distinct texts (exact duplicates count once, as the split keeps
+    them together)."""
+    seen: dict[str, set] = {}
+    key = table.texts if table.pairs is None else list(zip(table.texts, table.pairs))
+    for k, y in zip(key, table.labels):
+        seen.setdefault(y, set()).add(k)
+    return {y: len(v) for y, v in seen.items()}
+
+
+def drop_rare_classes(table: Table, under: int) -> tuple[Table, dict[str, int]]:
+    """``--drop-classes-under N``: ``table`` without the rows of classes that have fewer than
+    ``under`` distinct texts, and those classes with their row counts (warned)."""
+    if table.multi_label:
+        raise UserError("--drop-classes-under is for single-label data; with --multi-label "
+                        "rare tags share a stratum and need no flag")
+    if under < 0:
+        raise UserError(f"--drop-classes-under {under}: give a number of texts, 1 or more")
+    n = distinct_texts(table)
+    rare = sorted((y for y, c in n.items() if c < under), key=lambda y: (n[y], y))
+    if not rare:
+        return table, {}
+    rows = {y: 0 for y in rare}
+    keep = []
+    for i, y in enumerate(table.labels):
+        if y in rows:
+            rows[y] += 1
+        else:
+            keep.append(i)
+    shown = ", ".join(f"{y!r} ({rows[y]})" for y in rare[:10])
+    log.warning("%s: --drop-classes-under %d leaves out %d rows of %d classes: %s%s; the "
+                "classifier will not know them", table.source, under, len(table) - len(keep),
+                len(rare), shown, f" and {len(rare) - 10} more" if len(rare) > 10 else "")
+    if not keep:
+        raise UserError(f"{table.source}: --drop-classes-under {under} leaves no rows")
+    return table.subset(keep), rows
+
+
 def split_indices(table: Table, val_fraction: float, test_fraction: float, seed: int,
                   need: tuple[bool, bool] = (True, True), fold: tuple[int, int] | None = None
                   ) -> tuple[list[int], list[int], list[int]]:
@@ -572,13 +610,17 @@ def split_indices(table: Table, val_fraction: float, test_fraction: float, seed:
                         f"classifier needs at least two (is --label-col right?)")
     n_parts = 1 + sum(need)
     minimum = n_parts + 1 if fold is None else max(n_parts + 1, fold[1] + need[0])
-    small = {y: c for y, c in counts.items() if c < minimum}
+    small = sorted((c, y) for y, c in counts.items() if c < minimum)
     if small:
-        y, c = next(iter(small.items()))
-        raise UserError(f"{table.source}: {'tag' if multi else 'class'} {y!r} has only {c} "
-                        f"distinct text(s); a stratified split needs at least {minimum} per "
-                        f"{'tag' if multi else 'class'}: add examples, drop it, or "
-                        + ("use fewer folds" if fold else "pass --val and --test files"))
+        c, y = small[0]
+        what, plural = ("tag", "tags") if multi else ("class", "classes")
+        more = f" (and {len(small) - 1} more {plural} under {minimum})" if len(small) > 1 else ""
+        drop = "" if multi else (f"--drop-classes-under {minimum} to leave "
+                                 f"{'them' if len(small) > 1 else 'it'} out, ")
+        last = "use fewer folds" if fold else "pass --val and --test files"
+        raise UserError(f"{table.source}: {what} {y!r} has only {c} distinct text(s){more}; a "
+                        f"stratified split needs at least {minimum} per {what}: add examples, "
+                        f"{drop}or {last}")
     if multi:  # rows whose rarest tag is still too rare to stratify on share a stratum
         from collections import Counter
 

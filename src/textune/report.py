@@ -143,6 +143,13 @@ def caveats(metrics: dict) -> list[str]:
         if n:
             out.append(f"{n} of the {splits.get(part)} {part} texts also occur in the training "
                        f"data: the scores overstate how the model does on new text")
+    dropped = splits.get("classes_dropped")
+    if dropped:
+        names = ", ".join(f"{y} ({n})" for y, n in list(dropped.items())[:10])
+        out.append(f"{len(dropped)} classes with too few texts were left out "
+                   f"(--drop-classes-under; rows in brackets): {names}"
+                   f"{' and more' if len(dropped) > 10 else ''}. The classifier never predicts "
+                   f"them, and the scores do not count their rows")
     seen = (metrics.get("teacher") or {}).get("test_rows_teacher_trained_on")
     if seen:
         out.append(f"{seen} of the {metrics.get('n_eval')} test texts were in the teacher's "
