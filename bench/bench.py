@@ -20,7 +20,6 @@ import csv
 import json
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -159,15 +158,9 @@ def isolated(fn, *args, **kw):
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    from textune.env import cpu_name
+
+    return (f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"threads {torch.get_num_threads()}")
 
 

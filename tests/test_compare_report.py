@@ -116,6 +116,15 @@ def test_every_run_has_a_report_with_embedded_plots(tiny_bert, toy_csv, tmp_path
     assert (pred["predicted"] == np.array(["neg", "pos"])[probs.argmax(1)]).all()
     assert m["accuracy_ci95"][0] <= m["accuracy"] <= m["accuracy_ci95"][1]
     assert 0 <= m["ece"] <= 1 and "(95% CI " in html
+    # what it ran on: the versions and the device, in metrics.json and the report
+    import torch
+    import transformers
+
+    env = m["environment"]
+    assert env["torch"] == torch.__version__.split("+")[0] or env["torch"] == torch.__version__
+    assert env["transformers"] == transformers.__version__ and env["device_name"]
+    assert env["threads"] == torch.get_num_threads() and isinstance(env["native_bf16"], bool)
+    assert f"ran on</td><td>{env['device_name']}" in html.replace("<td >", "<td>")
     wrong = int((pred["label"] != pred["predicted"]).sum())
     assert f"Mistakes ({wrong} of {len(pred)} rows)" in html
     (out / "report.html").unlink()

@@ -37,6 +37,7 @@ from .data import (
     text_lengths,
     unknown_share,
 )
+from .env import environment
 from .errors import UserError
 from .loop import (
     CKPT,
@@ -517,6 +518,7 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
                            if isinstance(v, float)},
         "saved_bytes": saved_bytes(out) if accelerator.is_main_process else 0,
         "textune_version": __version__,
+        "environment": environment(device),
     })
     if accelerator.is_main_process:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .data import padded_width
+from .env import environment
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -760,6 +761,7 @@ def pretrain(a: PretrainArgs, *, progress: bool = True, resume: bool = False,
         "processes": accelerator.num_processes,
         "total_seconds": round(time.perf_counter() - t0, 3),
         "total_params": sum(p.numel() for p in wrapped.parameters()),
+        "environment": environment(device),
     }
     if nsp:
         metrics["eval_nsp_accuracy_before"] = round(before.get("nsp_accuracy", 0.0), 4)

@@ -268,6 +268,12 @@ def write_report(folder: str | Path, metrics: dict | None = None, title: str | N
             v = metrics[key]
             summary.append([label, json.dumps(v) if isinstance(v, dict) else
                             (f"{v:,}" if isinstance(v, int) else v)])
+    env = metrics.get("environment")
+    if env:
+        summary.append(["ran on", ", ".join(x for x in (
+            env.get("device_name"), env.get("cpu_capability"), "AMX" if env.get("cpu_amx") else
+            None, f"{env['threads']} threads" if env.get("threads") else None,
+            *(f"{p} {env[p]}" for p in ("torch", "transformers", "peft") if env.get(p))) if x)])
     t = metrics.get("teacher")
     if t:
         vs = t.get("student_minus_teacher") or {}
