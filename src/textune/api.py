@@ -786,7 +786,8 @@ def evaluate_run(run: str | Path, data: str, out: str | Path | None = None, *,
                                label_sep=cfg.data.label_sep)
     metrics.update({"split": split_name, "run": str(run), "seconds": round(secs, 3),
                     "truncation": cfg.data.truncation,
-                    "examples_per_second": round(len(table) / secs, 2)})
+                    "examples_per_second": round(len(table) / secs, 2),
+                    "environment": environment(clf.device)})
     if o:
         (o / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
         _report(o, metrics)
