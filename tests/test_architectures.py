@@ -41,6 +41,12 @@ def build(kind: str, path):
         # a decoder not in the adapter table, named as LLaMA is (o_proj, down_proj)
         "phi3": lambda: T.Phi3Config(num_key_value_heads=2, pad_token_id=0, **SMALL),
         "gpt2": lambda: T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2),
+        "mpnet": lambda: T.MPNetConfig(pad_token_id=0, **SMALL),
+        "opt": lambda: T.OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, ffn_dim=64, word_embed_proj_dim=32,
+                                   max_position_embeddings=128, pad_token_id=0),
+        # one layer's weights shared by all: adapters have no per-layer place
+        "albert": lambda: T.AlbertConfig(pad_token_id=0, embedding_size=16, **SMALL),
     }[kind]()
     T.AutoModel.from_config(cfg).save_pretrained(path)
     return path
@@ -48,7 +54,9 @@ def build(kind: str, path):
 
 @pytest.mark.parametrize("kind,strategy,pairs,sites", [
     ("roberta", "full", True, None), ("deberta-v2", "adapter", False, 4),
-    ("modernbert", "adapter", False, 4), ("phi3", "adapter", False, 4)])
+    ("modernbert", "adapter", False, 4), ("phi3", "adapter", False, 4),
+    # placed by layout, not by family name: MPNet, OPT, GPT-2's Conv1D projections
+    ("mpnet", "adapter", False, 4), ("opt", "adapter", False, 4), ("gpt2", "adapter", False, 4)])
 def test_family_trains_and_reloads(kind, strategy, pairs, sites, tmp_path):
     import pandas as pd
 
@@ -75,7 +83,8 @@ def test_family_trains_and_reloads(kind, strategy, pairs, sites, tmp_path):
 def test_adapter_refuses_a_family_it_cannot_place_in_one_line(tmp_path, toy_csv):
     from textune.errors import UserError
 
-    cfg = RunConfig(DataArgs(str(toy_csv), max_length=32), ModelArgs(str(build("gpt2", tmp_path))),
-                    StrategyArgs("adapter"), TrainArgs(epochs=1), str(tmp_path / "o"))
-    with pytest.raises(UserError, match="'gpt2' model .* use --strategy lora"):
+    cfg = RunConfig(DataArgs(str(toy_csv), max_length=32),
+                    ModelArgs(str(build("albert", tmp_path))), StrategyArgs("adapter"),
+                    TrainArgs(epochs=1), str(tmp_path / "o"))
+    with pytest.raises(UserError, match="'albert' model .* use --strategy lora"):
         train(cfg, progress=False)

@@ -24,23 +24,32 @@ from .base import Strategy, freeze, load_head, save_head
 
 ADAPTER_FILE = "adapters.safetensors"
 
-# (attention output projection suffix, feed-forward output projection suffix) per family
-_SITES = {
-    "bert": ("attention.output.dense", "layer.{}.output.dense"),
-    "roberta": ("attention.output.dense", "layer.{}.output.dense"),
-    "xlm-roberta": ("attention.output.dense", "layer.{}.output.dense"),
-    "electra": ("attention.output.dense", "layer.{}.output.dense"),
-    "distilbert": ("attention.out_lin", "ffn.lin2"),
-    "deberta": ("attention.output.dense", "layer.{}.output.dense"),
-    "deberta-v2": ("attention.output.dense", "layer.{}.output.dense"),
-    "modernbert": ("attn.Wo", "mlp.Wo"),
-    "llama": ("self_attn.o_proj", "mlp.down_proj"),
-    "mistral": ("self_attn.o_proj", "mlp.down_proj"),
-    "qwen2": ("self_attn.o_proj", "mlp.down_proj"),
-    "gemma3_text": ("self_attn.o_proj", "mlp.down_proj"),
-}
-LLAMA_SITES = ("self_attn.o_proj", "mlp.down_proj")
-"""Other decoders named as LLaMA is (Qwen3, Gemma 2, Phi-3, OLMo, Granite...) take these."""
+LAYOUTS = (
+    ("attention.output.dense", "layer.{}.output.dense"),  # BERT, RoBERTa, XLM-R, CamemBERT,
+    # ELECTRA, DeBERTa, ERNIE, RoFormer, BigBird, Longformer, MobileBERT
+    ("attention.attn.o", "layer.{}.output.dense"),  # MPNet
+    ("attention.out_lin", "ffn.lin2"),  # DistilBERT
+    ("attn.Wo", "mlp.Wo"),  # ModernBERT
+    ("self_attn.o_proj", "mlp.down_proj"),  # LLaMA, Mistral, Qwen, Gemma, Phi-3, OLMo, Granite
+    ("attention.dense", "mlp.dense_4h_to_h"),  # GPT-NeoX / Pythia
+    ("self_attention.dense", "mlp.dense_4h_to_h"),  # Falcon, BLOOM
+    ("self_attn.out_proj", "fc2"),  # OPT
+    ("self_attn.dense", "mlp.fc2"),  # Phi-1/2
+    ("attn.c_proj", "mlp.c_proj"),  # GPT-2 (Conv1D projections)
+)
+"""Where adapters go: (attention output projection, feed-forward output projection), as
+module-name suffixes (``{}``: a layer number). A backbone takes the first layout of which it has
+one of each in every layer; the family's name is not consulted, so new models named like one of
+these work unchanged."""
+
+
+def _projection(m: nn.Module) -> bool:
+    """A linear projection: ``nn.Linear`` (also 4-bit ones) or GPT-2's ``Conv1D``."""
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+
+
+def _out_features(m: nn.Module) -> int:
+    return m.out_features if isinstance(m, nn.Linear) else m.nf
 
 
 class Bottleneck(nn.Module):
@@ -61,10 +70,10 @@ class Bottleneck(nn.Module):
 class WithAdapter(nn.Module):
     """``linear`` followed by a bottleneck adapter on its output."""
 
-    def __init__(self, linear: nn.Linear, bottleneck: int):
+    def __init__(self, linear: nn.Module, bottleneck: int):
         super().__init__()
         self.linear = linear
-        self.adapter = Bottleneck(linear.out_features, bottleneck)
+        self.adapter = Bottleneck(_out_features(linear), bottleneck)
         self.adapter.to(dtype=linear.weight.dtype, device=linear.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,24 +81,19 @@ class WithAdapter(nn.Module):
 
 
 def adapter_sites(backbone: nn.Module, where: str) -> list[str]:
+    """The projections adapters follow: of the first layout in ``LAYOUTS`` the backbone has
+    in every layer, the feed-forward ones (and the attention ones with ``where="both"``)."""
+    names = [n for n, m in backbone.named_modules() if _projection(m)]
+    layers = getattr(backbone.config, "num_hidden_layers", None)
+    for attn, ffn in LAYOUTS:
+        a = [n for n in names if n.endswith(attn)]
+        f = [n for n in names if _matches_ffn(n, ffn) and not n.endswith(attn)]
+        if a and len(a) == len(f) and layers in (None, len(a)):
+            return sorted(f + a if where == "both" else f, key=names.index)
     mt = getattr(backbone.config, "model_type", "")
-    linear = [n for n, m in backbone.named_modules() if isinstance(m, nn.Linear)]
-    if mt not in _SITES and not all(any(n.endswith(s) for n in linear) for s in LLAMA_SITES):
-        raise UserError(f"--strategy adapter does not know where to insert adapters in a "
-                        f"{mt!r} model (known: {', '.join(_SITES)}, and decoders with LLaMA's "
-                        f"o_proj / down_proj); use --strategy lora")
-    attn, ffn = _SITES.get(mt, LLAMA_SITES)
-    names = []
-    for name, mod in backbone.named_modules():
-        if not isinstance(mod, nn.Linear):
-            continue
-        is_attn = name.endswith(attn)
-        is_ffn = _matches_ffn(name, ffn) and not is_attn
-        if is_ffn or (is_attn and where == "both"):
-            names.append(name)
-    if not names:
-        raise UserError(f"--strategy adapter found no projection layers in this {mt!r} model")
-    return names
+    raise UserError(f"--strategy adapter does not know where to insert adapters in a {mt!r} "
+                    f"model (no attention / feed-forward output projections named as in BERT, "
+                    f"LLaMA, GPT-2 and {len(LAYOUTS) - 3} other layouts); use --strategy lora")
 
 
 def _matches_ffn(name: str, pattern: str) -> bool:
