@@ -148,6 +148,7 @@ def test_prompt_probabilities_get_a_temperature_fitted_on_validation_rows(lm_fol
     m = json.loads((tmp_path / "t" / "metrics.json").read_text())
     fitted = json.loads((tmp_path / "t" / "calibration.json").read_text())
     assert fitted["fitted_on"] == "validation split (80 rows)"
+    assert m["environment"]["device_name"] and m["environment"]["torch"]  # what it ran on
     assert m["temperature"] == pytest.approx(fitted["temperature"], abs=1e-4) != 1.0
     # the reloaded run scores new texts at that temperature: its probabilities of the test
     # rows are the softmax of their (calibrated) scores over it, whose ECE the run reported

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from .classifier import Predictor
+from .env import environment
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -359,7 +360,8 @@ class PromptClassifier(Predictor):
         verb = self.metrics["verbalizers"]
         self.verbalizers = [verb[n] for n in self.labels]
         self.demos = [(d["text"], verb[d["label"]]) for d in self.metrics["demonstrations"]]
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dev = self.device = torch.device(device or ("cuda" if torch.cuda.is_available()
+                                                   else "cpu"))
         model, tok, _ = load_causal_lm(self.args.model, dev)
         self.kw = {"template": self.args.template or DEFAULT_TEMPLATE,
                    "instruction": self.args.instruction, "chat": use_chat(tok, self.args.chat),
@@ -554,6 +556,7 @@ def run_prompt(a: PromptArgs, *, progress: bool = True, overwrite: bool = False)
         "total_seconds": round(time.perf_counter() - t0, 3), "device": str(device),
         "peak_memory_mb": round(_peak_memory_mb(device), 1), "saved_bytes": 0,
         "splits": splits.split,
+        "environment": environment(device),
     })
     cfg_out = {"kind": "prompt", **asdict(a), "template": template, "model": resolve_model_key(a.model),
                "data": _data_key(a.data), "val": _data_key(a.val), "test": _data_key(a.test)}
