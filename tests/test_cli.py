@@ -470,3 +470,13 @@ def test_several_runs_and_prompt_refuse_bad_counts(tmp_path, capsys):
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err
         assert not (tmp_path / "o").exists()  # (refused before any folder is made)
+
+
+def test_top_level_help_says_what_textune_is(capsys):
+    from textune.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "for text classification" in out
+    assert "module" not in out and "COMMAND --help" in out  # (was the module's docstring)

@@ -663,8 +663,15 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
 
 
+DESCRIPTION = ("Fine-tune pretrained language models (BERT-family encoders, LLaMA-family "
+               "decoders) for text classification, from a CSV of labelled texts to a trained, "
+               "evaluated classifier.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="textune", description=__doc__)
+    p = Parser(prog="textune", description=DESCRIPTION,
+               epilog="`textune COMMAND --help` lists a command's options; docs/USAGE.md has "
+                      "them by topic.")
     p.add_argument("--version", action="version", version=f"textune {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     p.commands = sub.choices  # (name -> its parser: main() names a command's unknown flags)
