@@ -480,3 +480,19 @@ def test_top_level_help_says_what_textune_is(capsys):
     out = capsys.readouterr().out
     assert e.value.code == 0 and "for text classification" in out
     assert "module" not in out and "COMMAND --help" in out  # (was the module's docstring)
+
+
+def test_env_says_what_precision_auto_picks(capsys, monkeypatch):
+    import torch
+
+    from textune.cli import main
+
+    assert main(["env", "--json"]) == 0
+    env = json.loads(capsys.readouterr().out)
+    assert env["torch"] == torch.__version__ and env["threads"] == torch.get_num_threads()
+    if not torch.cuda.is_available():
+        assert env["precision_auto"] == ("bf16" if env["native_bf16"] else "fp32")
+        monkeypatch.setenv("TEXTUNE_CPU_BF16", "0")
+        assert main(["env"]) == 0
+        out = capsys.readouterr().out
+        assert "precision_auto  fp32" in out and "TEXTUNE_CPU_BF16=0 turns bf16 off" in out
