@@ -496,3 +496,34 @@ def test_env_says_what_precision_auto_picks(capsys, monkeypatch):
         assert main(["env"]) == 0
         out = capsys.readouterr().out
         assert "precision_auto  fp32" in out and "TEXTUNE_CPU_BF16=0 turns bf16 off" in out
+
+
+def test_out_of_memory_is_one_line_with_the_fixes(monkeypatch, capsys):
+    import torch
+
+    from textune import cli
+
+    def oom(a):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(cli, "cmd_list", oom)
+    assert cli.main(["list"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("textune: error: out of GPU memory (CUDA out of memory. Tried to "
+                          "allocate 2.00 GiB); lower --batch-size") and "--batch-size auto" in err
+
+    def cpu_oom(a):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't "
+                           "allocate memory: you tried to allocate 68719476736 bytes.")
+
+    monkeypatch.setattr(cli, "cmd_list", cpu_oom)
+    assert cli.main(["list"]) == 1
+    assert "out of CPU memory" in capsys.readouterr().err
+
+    def other(a):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(cli, "cmd_list", other)  # not memory: the traceback stays
+    with pytest.raises(RuntimeError, match="something else"):
+        cli.main(["list"])

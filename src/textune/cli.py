@@ -1006,6 +1006,28 @@ def main(argv: list[str] | None = None) -> int:
         if not launched_rank():  # (--num-processes: said once)
             print("textune: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        where = out_of_memory(e)
+        if a.debug or where is None:
+            raise
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        print(f"textune: error: out of {where} memory ({first}); lower --batch-size or "
+              f"--max-length" + (", or use --batch-size auto, --gradient-checkpointing, or "
+                                 "--strategy lora with --load-in-4bit" if where == "GPU" else "")
+              + "; `textune plan` estimates a training run's peak first (--debug: traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def out_of_memory(e: BaseException) -> str | None:
+    """'GPU' or 'CPU' when ``e`` is an allocation failure (torch's OutOfMemoryError, Python's
+    MemoryError, the CPU allocator's RuntimeError), else None."""
+    if type(e).__name__ == "OutOfMemoryError":
+        return "GPU"
+    if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and
+                                      "can't allocate memory" in str(e)):
+        return "CPU"
+    return None
 
 
 if __name__ == "__main__":
