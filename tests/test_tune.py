@@ -138,6 +138,30 @@ def test_tune_from_python_returns_the_chosen_classifier(tiny_bert, toy_csv, tmp_
     assert not (tmp_path / "u").exists() and not (tmp_path / "v").exists()
 
 
+@pytest.mark.parametrize("how", ["script", "stdin"])
+def test_tune_from_a_script_without_a_main_guard(how, tiny_bert, toy_csv, tmp_path):
+    """A plain script calling textune.tune at its top level (no `if __name__ == "__main__":`),
+    or one piped to `python -`: each run's process must not re-run or re-import it (it did:
+    every run died, 'no run finished')."""
+    import subprocess
+    import sys
+
+    code = (f"import textune\n"
+            f"clf = textune.tune({str(toy_csv)!r}, {str(tmp_path / 't')!r}, "
+            f"model={str(tiny_bert)!r}, strategy='frozen', grid={{'lr': [1e-2, 1e-1]}}, "
+            f"epochs=2, progress=False)\n"
+            f"print('chosen', clf.config.train.lr)\n")
+    script = tmp_path / "quick.py"
+    script.write_text(code)
+    done = subprocess.run([sys.executable, str(script)] if how == "script" else
+                          [sys.executable, "-"], input=None if how == "script" else code,
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("chosen") == 1  # (the script ran once, not once a run)
+    rows = json.loads((tmp_path / "t" / "tune.json").read_text())["rows"]
+    assert [run["status"] for r in rows for run in r["runs"]] == ["ok", "ok"]
+
+
 def test_a_failed_combination_is_reported_and_never_chosen(tiny_bert, toy_csv, tmp_path, capsys):
     out = tmp_path / "t"
     code = main(["tune", "--model", str(tiny_bert), "--data", str(toy_csv), "--strategy", "lora",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -131,7 +132,8 @@ def train_in_subprocess(cfg: RunConfig, progress: bool, processes: int = 1
     # the fork server kept the environment and folder it started with: pass today's
     p = ctx.Process(target=_worker, args=(cfg.to_dict(), progress, q, dict(os.environ),
                                           os.getcwd()))
-    p.start()
+    with _without_main_module():
+        p.start()
     result = None
     while result is None:
         try:
@@ -140,9 +142,34 @@ def train_in_subprocess(cfg: RunConfig, progress: bool, processes: int = 1
             if not p.is_alive():
                 break
     p.join()
-    if result is None:
-        return f"process died (exit code {p.exitcode}; out of memory?)", {}
+    if result is None:  # (killed by a signal: a negative exit code; SIGKILL is the OOM killer's)
+        why = "killed: out of memory?" if p.exitcode == -9 else "its error is printed above"
+        return f"process died (exit code {p.exitcode}; {why})", {}
     return result
+
+
+@contextlib.contextmanager
+def _without_main_module():
+    """Start a run's process without re-importing the caller's ``__main__``, as
+    multiprocessing otherwise does in every child: a user's script calling ``textune.tune``
+    at its top level (no ``if __name__ == "__main__":``) would run again in each child and
+    fail, and ``python -`` (a script on stdin) has no file to re-import. The run needs
+    textune's own functions only."""
+    from multiprocessing import spawn
+
+    original = spawn.get_preparation_data
+
+    def preparation(name):
+        data = original(name)
+        data.pop("init_main_from_path", None)
+        data.pop("init_main_from_name", None)
+        return data
+
+    spawn.get_preparation_data = preparation
+    try:
+        yield
+    finally:
+        spawn.get_preparation_data = original
 
 
 def _launched(cfg: RunConfig, progress: bool, processes: int) -> tuple[str, dict]:
