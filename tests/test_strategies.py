@@ -379,6 +379,17 @@ def test_fit_from_python(tiny_bert, toy_csv, tmp_path):
                       batch_size=16, max_length=32, seed=0)
     assert clf.metrics["accuracy"] >= 0.9 and clf.config.train.epochs == epochs
     assert len(clf.predict(["good film"])) == 1
+    # any iterable of strings: a pandas column (its index is not the order), an array, a generator
+    import pandas as pd
+
+    texts = ["good film", "a terrible, dull film"]
+    expect = clf.predict_proba(texts)
+    for given in (pd.Series(texts, index=[7, 3]), np.array(texts), (t for t in texts)):
+        assert np.array_equal(clf.predict_proba(given), expect)
+    with pytest.raises(UserError, match=r"texts\[1\] is float nan, not a string"):
+        clf.predict(pd.Series(["good film", None, "ok"], dtype=object).fillna(np.nan))
+    with pytest.raises(UserError, match="wrap a single text in a list"):
+        clf.predict("good film")
     # embed: the pooled features the head reads (its logits are the head of them)
     texts = ["good film", "a terrible, dull film", "it was fine"]
     emb = clf.embed(texts)

@@ -53,6 +53,17 @@ CALIBRATION = "calibration.json"
 """The run's fitted temperature, or multi-label thresholds (see ``TrainArgs.calibration``)."""
 
 
+def _strings(items, name: str) -> list[str]:
+    """``items`` as a list of strings, or the error naming the first that is not one (a
+    missing value in a DataFrame column is a float NaN)."""
+    items = list(items)
+    bad = next((i for i, t in enumerate(items) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise UserError(f"{name}[{bad}] is {type(items[bad]).__name__} {items[bad]!r:.40}, not a "
+                        f"string (a missing value? drop or fill those rows first)")
+    return items
+
+
 class Predictor:
     """What every reloaded run does with texts, whatever computes its scores: a trained run
     (``Classifier``) or a `textune prompt` run (``prompt.PromptClassifier``). Subclasses set
@@ -73,6 +84,10 @@ class Predictor:
         run's temperature is ``predict_proba``."""
         if isinstance(texts, str):
             raise UserError("predict() takes a list of texts; wrap a single text in a list")
+        texts = _strings(texts, "texts")  # (any iterable: a Series, an array, a generator)
+        pairs = None if pairs is None else _strings(pairs, "pairs")
+        if pairs is not None and len(pairs) != len(texts):
+            raise UserError(f"{len(texts)} texts but {len(pairs)} pairs; give one pair a text")
         self._check_pairs(pairs)
         if len(texts) == 0:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
