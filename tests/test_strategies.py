@@ -424,6 +424,7 @@ def test_reloading_a_full_run_is_quiet(tiny_bert, toy_csv, tmp_path, capfd):
     from transformers.utils import logging as tl
 
     train(config(tiny_bert, toy_csv, tmp_path / "r", "full", epochs=1), progress=False)
+    train(config(tiny_bert, toy_csv, tmp_path / "l", "lora", epochs=1), progress=False)
     tl.set_verbosity_warning()
     tl.enable_progress_bar()  # (as a Python user has them; the CLI turns both off)
     try:
@@ -435,6 +436,9 @@ def test_reloading_a_full_run_is_quiet(tiny_bert, toy_csv, tmp_path, capfd):
         textune.load(tmp_path / "r")
         out, err = capfd.readouterr()
         assert "MISSING" not in out + err and "Loading weights" not in out + err
+        textune.load(tmp_path / "l")  # (its base model loads from the model's own folder)
+        out, err = capfd.readouterr()
+        assert "Loading weights" not in out + err
         assert tl.get_verbosity() == tl.WARNING and tl.is_progress_bar_enabled()  # restored
     finally:
         tl.set_verbosity_error()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -308,7 +307,7 @@ def load(run_dir: str | Path, device: str | None = None, merge: bool = True) -> 
     labels = json.loads((run / "labels.json").read_text(encoding="utf-8"))
     strategy = get_strategy(cfg.strategy.name, **cfg.strategy.options())
     saved = strategy.saved_backbone(run)
-    with quiet_transformers() if saved else contextlib.nullcontext():
+    with quiet_transformers():  # (the run loaded once already; its load report is noise now)
         model = build_model(cfg, len(labels), str(saved) if saved else None)
     try:
         model = strategy.load(model, run)
