@@ -514,3 +514,29 @@ def test_compile_on_a_cpu_trains_eager_and_says_so(tiny_bert, toy_csv, tmp_path,
     train(config(tiny_bert, toy_csv, tmp_path / "c", "full", epochs=1, compile=True),
           progress=False)
     assert len(calls) == 1
+
+
+def test_fit_takes_a_dataframe(tiny_bert, toy_csv, tmp_path):
+    """A notebook's DataFrame (tags as lists, an index that is not positions) trains as its
+    CSV does: kept as a file in $TEXTUNE_HOME/frames, so the run reloads and re-evaluates."""
+    import pandas as pd
+
+    import textune
+    from textune.api import evaluate_run
+    from textune.errors import UserError
+
+    df = pd.read_csv(toy_csv)
+    kw = dict(model=tiny_bert, epochs=1, batch_size=16, max_length=32, seed=0, progress=False)
+    from_file = textune.fit(toy_csv, tmp_path / "file", **kw)
+    from_frame = textune.fit(df.set_index(df.index + 100), tmp_path / "frame", **kw)
+    assert from_frame.metrics["accuracy"] == from_file.metrics["accuracy"]
+    kept = from_frame.config.data.data
+    assert "frames" in kept and kept.endswith(".jsonl")
+    assert evaluate_run(tmp_path / "frame", kept, progress=False)["accuracy"] == \
+        from_frame.metrics["accuracy"]
+    tags = pd.DataFrame({"text": df.text, "label": [[y] + (["x"] if i % 3 == 0 else [])
+                                                   for i, y in enumerate(df.label)]})
+    multi = textune.fit(tags, tmp_path / "tags", multi_label=True, **kw)
+    assert sorted(multi.labels) == ["neg", "pos", "x"]
+    with pytest.raises(UserError, match="data=: the DataFrame has no rows"):
+        textune.fit(df.iloc[:0], tmp_path / "empty", **kw)

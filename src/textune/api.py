@@ -647,10 +647,11 @@ def resolve_model_key(spec: str) -> str:
     return str(p.resolve())
 
 
-def fit(data: str | Path, out: str | Path, *, overwrite: bool = False, progress: bool = True,
+def fit(data, out: str | Path, *, overwrite: bool = False, progress: bool = True,
         **options) -> Classifier:
-    """``textune train`` from Python: fine-tune on ``data`` (a file or catalog name), write the
-    run folder ``out``, and return the trained classifier (its test metrics in ``.metrics``).
+    """``textune train`` from Python: fine-tune on ``data`` (a file, a catalog name or a pandas
+    DataFrame; ``val=``, ``test=``, ``unlabelled=`` alike), write the run folder ``out``, and
+    return the trained classifier (its test metrics in ``.metrics``).
     ``options`` are the command's flags with underscores: ``model="minilm-l6"``,
     ``strategy="lora"``, ``epochs=3``, ``batch_size=32``, ``max_length=128``, ``lr=...``, ..."""
     cfg = RunConfig.from_options(data=data, out=out, **options)

@@ -644,6 +644,7 @@ CACHE_PARTS = {
     "teacher-labels": "a teacher's probabilities of an unlabelled pool",
     "pretrain-cache": "tokenized pretraining corpora",
     "compile-cache": "--compile's compiled kernels",
+    "frames": "DataFrames given to textune.fit / tune from Python (their runs point at them)",
 }
 
 

@@ -166,6 +166,9 @@ class TrainArgs:
         return self.pad_multiple or (1 if device_type == "cpu" else 8)
 
 
+FRAME_OPTIONS = ("data", "val", "test", "unlabelled")
+"""Options that take a pandas DataFrame from Python as well as a file (``data.frame_file``)."""
+
 _GROUPS = {"data": DataArgs, "model": ModelArgs, "strategy": StrategyArgs, "train": TrainArgs}
 """RunConfig's option groups, by field name."""
 
@@ -295,6 +298,10 @@ class RunConfig:
             if group is None:
                 known = sorted(set().union(*names.values()) - {"name"} | {"strategy", "out"})
                 raise UserError(f"{key}=: not a textune option; options: {', '.join(known)}")
+            if key in FRAME_OPTIONS and hasattr(value, "to_json") and hasattr(value, "columns"):
+                from .data import frame_file  # a pandas DataFrame: kept as a file
+
+                value = frame_file(value, key)
             kw[group][key] = str(value) if isinstance(value, Path) else value
         return cls(out=str(out), **{g: c(**kw[g]) for g, c in _GROUPS.items()})
 

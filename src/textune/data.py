@@ -67,6 +67,27 @@ def same_text(text: str, pair: str | None = None) -> tuple[str, str | None]:
     return " ".join(text.lower().split()), None if pair is None else " ".join(pair.lower().split())
 
 
+def frame_file(df, name: str = "data") -> str:
+    """A pandas DataFrame given from Python (``textune.fit(df, ...)``) as a JSON-lines file in
+    ``$TEXTUNE_HOME/frames``, named by its content: the run's config points at a file, so the
+    run reloads, re-evaluates and is compared like one made from a file. Lists in a cell (tags)
+    and numbers keep their types; the index is not kept (rows are numbered by position)."""
+    import hashlib
+
+    from . import hub
+
+    if len(df) == 0:
+        raise UserError(f"{name}=: the DataFrame has no rows")
+    text = df.to_json(orient="records", lines=True, force_ascii=False, date_format="iso")
+    path = hub.home() / "frames" / f"{hashlib.sha256(text.encode()).hexdigest()[:20]}.jsonl"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    return str(path)
+
+
 def resolve_data(spec: str | Path) -> Path:
     """A catalog dataset name or a path to a file -> a local file."""
     from . import hub
