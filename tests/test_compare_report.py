@@ -63,6 +63,19 @@ def test_each_run_gets_todays_environment_and_folder(tiny_bert, toy_csv, tmp_pat
     assert list((home / "features").iterdir())  # its features went to today's TEXTUNE_HOME
 
 
+def test_compare_from_python_returns_the_table(tiny_bert, toy_csv, tmp_path):
+    import pandas as pd
+
+    import textune
+
+    table = textune.compare(pd.read_csv(toy_csv), tmp_path / "c", model=str(tiny_bert),
+                            strategies="frozen,full", epochs=1, max_length=16, progress=False)
+    assert list(table.index) == ["frozen", "full"] and (table["status"] == "ok").all()
+    doc = json.loads((tmp_path / "c" / "compare.json").read_text())
+    assert table.loc["full", "accuracy"] == doc["rows"][1]["accuracy"]
+    assert (tmp_path / "c" / "full" / "metrics.json").exists()
+
+
 def test_compare_over_seeds_shares_the_splits(tiny_bert, toy_csv, tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["compare", "--model", str(tiny_bert), "--data", str(toy_csv), "--strategies",

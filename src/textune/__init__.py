@@ -16,6 +16,10 @@ def __getattr__(name):  # lazy: `import textune` stays fast, the CLI's --help to
         from .tuning import tune
 
         return tune
+    if name == "compare":
+        from .compare import compare
+
+        return compare
     if name == "RunConfig":
         from .config import RunConfig
 
@@ -23,4 +27,5 @@ def __getattr__(name):  # lazy: `import textune` stays fast, the CLI's --help to
     raise AttributeError(name)
 
 
-__all__ = ["fit", "tune", "train", "evaluate_run", "load", "Classifier", "RunConfig", "__version__"]
+__all__ = ["fit", "tune", "compare", "train", "evaluate_run", "load", "Classifier", "RunConfig",
+           "__version__"]

@@ -38,6 +38,25 @@ def _human_bytes(n: int | None) -> str:
     return str(n)
 
 
+def compare(data, out, *, strategies=("frozen", "lora", "full"), seeds: list[int] | None = None,
+            overwrite: bool = False, progress: bool = True, processes: int = 1, **options):
+    """``textune compare`` from Python: train each strategy on the same splits of ``data`` (a
+    file, a catalog name or a DataFrame) and return the table as a pandas DataFrame, one row a
+    strategy (accuracy, macro-F1 and their intervals, time, memory, size; the paired
+    differences are in ``out``/compare.md). ``options`` as in ``fit``; each run's folder is
+    ``out``/STRATEGY (``out``/STRATEGY/seed-N with several ``seeds``)."""
+    import pandas as pd
+
+    from .api import prepare_out_dir
+
+    if isinstance(strategies, str):
+        strategies = [s.strip() for s in strategies.split(",") if s.strip()]
+    base = RunConfig.from_options(data=data, out=out, **options).validate()
+    rows = run_compare(base, list(strategies), prepare_out_dir(out, overwrite), seeds=seeds,
+                       progress=progress, processes=processes)
+    return pd.DataFrame(rows).set_index("strategy")
+
+
 def run_compare(base: RunConfig, strategies: list[str], out: Path, *,
                 seeds: list[int] | None = None, progress: bool = True,
                 processes: int = 1) -> list[dict]:
