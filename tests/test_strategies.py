@@ -390,6 +390,16 @@ def test_fit_from_python(tiny_bert, toy_csv, tmp_path):
         clf.predict(pd.Series(["good film", None, "ok"], dtype=object).fillna(np.nan))
     with pytest.raises(UserError, match="wrap a single text in a list"):
         clf.predict("good film")
+    # a DataFrame in, the same frame out with the decisions, as `textune predict` writes a file
+    df = pd.DataFrame({"id": [1, 2, 3], "review": ["good film", "", "a terrible, dull film"]},
+                      index=["a", "b", "c"])
+    got = clf.predict_frame(df)
+    assert list(got.index) == ["a", "b", "c"] and list(got.columns[:2]) == ["id", "review"]
+    assert got.loc["a", "label"] == clf.predict(["good film"])[0] and pd.isna(got.loc["b", "label"])
+    assert np.allclose(got.loc[["a", "c"], ["p_neg", "p_pos"]].to_numpy(),
+                       clf.predict_proba(["good film", "a terrible, dull film"]), atol=1e-6)
+    sure = clf.predict_frame(df, min_confidence=1.0)  # (nothing reaches 1.0: all left blank)
+    assert sure["label"].isna().all()
     # embed: the pooled features the head reads (its logits are the head of them)
     texts = ["good film", "a terrible, dull film", "it was fine"]
     emb = clf.embed(texts)

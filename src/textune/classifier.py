@@ -52,6 +52,18 @@ CALIBRATION = "calibration.json"
 """The run's fitted temperature, or multi-label thresholds (see ``TrainArgs.calibration``)."""
 
 
+def check_min_confidence(p: float | None, multi_label: bool = False) -> None:
+    """``--min-confidence P``: a probability, for a single-label run."""
+    if p is None:
+        return
+    if not 0 < p <= 1:
+        raise UserError(f"--min-confidence {p}: give a probability in (0, 1], e.g. 0.9 (the "
+                        f"run's report.html shows the accuracy at each level)")
+    if multi_label:
+        raise UserError("--min-confidence: this run is multi-label, where each tag has its own "
+                        "threshold; use --uncertain N to find the rows to check")
+
+
 def _strings(items, name: str) -> list[str]:
     """``items`` as a list of strings, or the error naming the first that is not one (a
     missing value in a DataFrame column is a float NaN)."""
@@ -91,6 +103,48 @@ class Predictor:
         if len(texts) == 0:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         return self._logits(texts, pairs, batch_size, progress)
+
+    def predict_frame(self, df, text_col: str | None = None, pair_col: str | None = None, *,
+                      min_confidence: float | None = None, batch_size: int | None = None,
+                      progress: bool = False):
+        """``df`` (a pandas DataFrame) with the predicted ``label`` (``predicted_label`` if it
+        has a ``label`` column) and a ``p_<class>`` column a class, as ``textune predict``
+        writes: every row and column kept, its index too; rows without a text get blanks.
+        ``min_confidence``: rows whose top probability is below it get no label."""
+        from .data import frame_inputs
+
+        pair_col = pair_col or self.config.data.text_pair_col
+        frame, table, keep = frame_inputs(df, "DataFrame", text_col=text_col, pair_col=pair_col,
+                                          run_text_col=self.config.data.text_col)
+        probs = self.predict_proba(table.texts, table.pairs, batch_size=batch_size,
+                                   progress=progress)
+        return self.annotate(frame, probs, keep, min_confidence)
+
+    def annotate(self, df, probs: np.ndarray, keep: list[int],
+                 min_confidence: float | None = None):
+        """``df`` with the decisions and probabilities of its rows ``keep`` (positions) added;
+        the other rows blank. (``predict_frame`` and `textune predict`.)"""
+        import pandas as pd
+
+        from .data import TAG_JOIN
+
+        check_min_confidence(min_confidence, self.multi_label)
+        name = "label" if "label" not in df.columns else "predicted_label"
+        out = df.copy()
+        chosen = self.decide(probs)
+        if self.multi_label:  # one cell of tags, joined as in the training file
+            chosen = [(self.config.data.label_sep or TAG_JOIN).join(tags) for tags in chosen]
+        if min_confidence is not None:  # below it: no label, for a person to decide
+            unsure = probs.max(1) < min_confidence
+            chosen = [None if u else c for c, u in zip(chosen, unsure)]
+        pred = pd.Series([None] * len(df), dtype=object)
+        pred.iloc[keep] = chosen
+        out[name] = pred.values
+        for j, n in enumerate(self.labels):
+            col = pd.Series([float("nan")] * len(df))
+            col.iloc[keep] = probs[:, j].astype(np.float64).round(6)
+            out[f"p_{n}"] = col.values
+        return out
 
     def _check_pairs(self, pairs: list[str] | None) -> None:
         raise NotImplementedError

@@ -292,26 +292,21 @@ def cmd_eval(a) -> int:
 
 
 def cmd_predict(a) -> int:
-    import numpy as np
     import pandas as pd
 
-    from .classifier import load
-    from .data import TAG_JOIN, check_writable, read_inputs, write_frame
+    from .classifier import check_min_confidence, load
+    from .data import check_writable, read_inputs, write_frame
 
     if a.output and Path(a.output).exists() and not a.overwrite:
         raise UserError(f"--output {a.output}: exists; choose a new file or pass --overwrite")
     if a.uncertain is not None and a.uncertain < 1:
         raise UserError(f"--uncertain {a.uncertain}: give how many rows to pick, 1 or more")
-    if a.min_confidence is not None and not 0 < a.min_confidence <= 1:
-        raise UserError(f"--min-confidence {a.min_confidence}: give a probability in (0, 1], "
-                        f"e.g. 0.9 (the run's report.html shows the accuracy at each level)")
+    check_min_confidence(a.min_confidence)  # (before loading the model)
     if a.output:
         check_writable(a.output)
     clf = load(a.run)
     clf.read_as(a.truncation, a.max_windows)
-    if a.min_confidence is not None and clf.multi_label:
-        raise UserError("--min-confidence: this run is multi-label, where each tag has its own "
-                        "threshold; use --uncertain N to find the rows to check")
+    check_min_confidence(a.min_confidence, clf.multi_label)  # (before the work)
     pair_col = a.text_pair_col or clf.config.data.text_pair_col
     if a.input == "-":
         if pair_col:
@@ -327,23 +322,11 @@ def cmd_predict(a) -> int:
         texts, pairs = table.texts, table.pairs
     probs = clf.predict_proba(texts, pairs, batch_size=a.batch_size, progress=not a.quiet)
     # every input column and row kept, in order; rows without a text get blank predictions
-    name = "label" if "label" not in df.columns else "predicted_label"
-    out = df.copy()
-    pred = pd.Series([None] * len(df), dtype=object)
-    chosen = clf.decide(probs)
-    if clf.multi_label:  # one cell of tags, joined as in the training file
-        chosen = [(clf.config.data.label_sep or TAG_JOIN).join(tags) for tags in chosen]
-    if a.min_confidence is not None:  # below it: no label, for a person to decide
-        unsure = probs.max(1) < a.min_confidence
-        chosen = [None if u else c for c, u in zip(chosen, unsure)]
-        print(f"{int(unsure.sum()):,} of {len(chosen):,} rows under confidence "
-              f"{a.min_confidence:g}: left unlabelled", file=sys.stderr)
-    pred.iloc[keep] = chosen
-    out[name] = pred.values
-    for j, n in enumerate(clf.labels):
-        col = pd.Series([float("nan")] * len(df))
-        col.iloc[keep] = probs[:, j].astype(np.float64).round(6)
-        out[f"p_{n}"] = col.values
+    out = clf.annotate(df, probs, keep, a.min_confidence)
+    if a.min_confidence is not None:
+        unsure = int((probs.max(1) < a.min_confidence).sum())
+        print(f"{unsure:,} of {len(keep):,} rows under confidence {a.min_confidence:g}: left "
+              f"unlabelled", file=sys.stderr)
     if a.uncertain is not None:
         out = most_uncertain(out, clf.uncertainty(probs), keep, texts, pairs, a.uncertain)
     if a.output:

@@ -412,7 +412,13 @@ def read_inputs(path: str | Path, *, text_col: str | None = None, pair_col: str 
     the usual names."""
     path = Path(path)
     lines = _lines(path, run_text_col) if text_col is None and path.is_file() else None
-    df = _frame(path, lines)
+    return frame_inputs(_frame(path, lines), path, text_col=text_col, pair_col=pair_col,
+                        run_text_col=run_text_col)
+
+
+def frame_inputs(df, path, *, text_col: str | None = None, pair_col: str | None = None,
+                 run_text_col: str | None = None):
+    """:func:`read_inputs` for a frame already read (``path``: how messages name it)."""
     cols = list(df.columns)
     if text_col is None and run_text_col in cols:
         text_col = run_text_col
