@@ -43,8 +43,8 @@ def test_compare_writes_table_json_chart_and_survives_a_failure(tiny_bert, toy_c
 def test_each_run_gets_todays_environment_and_folder(tiny_bert, toy_csv, tmp_path, monkeypatch):
     """Runs fork from a fork server that lives as long as this process (across tests): each
     must see the environment and working folder of the moment it starts, not the server's."""
-    from textune.compare import train_in_subprocess
     from textune.config import DataArgs, ModelArgs, RunConfig, StrategyArgs, TrainArgs
+    from textune.multirun import train_in_subprocess
 
     def cfg(out):  # (a relative --data: read from the working folder)
         return RunConfig(DataArgs("toy.csv", max_length=16), ModelArgs(str(tiny_bert)),
@@ -64,10 +64,18 @@ def test_each_run_gets_todays_environment_and_folder(tiny_bert, toy_csv, tmp_pat
 
 
 def test_compare_from_python_returns_the_table(tiny_bert, toy_csv, tmp_path):
+    import importlib
+    import pkgutil
+
     import pandas as pd
 
     import textune
 
+    # a submodule, once imported, is bound on the package: none may share an API function's name
+    for m in pkgutil.walk_packages(textune.__path__, "textune."):
+        if not m.name.endswith(".__main__"):
+            importlib.import_module(m.name)
+    assert all(callable(getattr(textune, n)) for n in ("fit", "tune", "compare", "load"))
     table = textune.compare(pd.read_csv(toy_csv), tmp_path / "c", model=str(tiny_bert),
                             strategies="frozen,full", epochs=1, max_length=16, progress=False)
     assert list(table.index) == ["frozen", "full"] and (table["status"] == "ok").all()
@@ -197,7 +205,7 @@ def test_adapter_where(tiny_bert, where, expect):
 
 
 def test_paired_differences_flag_what_the_seeds_cannot_tell(tmp_path):
-    from textune.compare import paired_differences
+    from textune.multirun import paired_differences
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 400).astype(str)

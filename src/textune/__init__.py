@@ -17,7 +17,7 @@ def __getattr__(name):  # lazy: `import textune` stays fast, the CLI's --help to
 
         return tune
     if name == "compare":
-        from .compare import compare
+        from .multirun import compare
 
         return compare
     if name == "RunConfig":

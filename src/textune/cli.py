@@ -379,7 +379,7 @@ def _seeds(a) -> list[int] | None:
 def cmd_compare(a) -> int:
     check_processes(a)
     from .api import prepare_out_dir
-    from .compare import run_compare
+    from .multirun import run_compare
 
     if not a.out:
         raise UserError("--out DIR is required: the folder for the table, chart and runs")

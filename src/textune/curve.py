@@ -9,9 +9,9 @@ import json
 import logging
 from pathlib import Path
 
-from .compare import table_cell, train_in_subprocess
 from .config import RunConfig
 from .errors import UserError
+from .multirun import table_cell, train_in_subprocess
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .compare import table_cell, train_in_subprocess
 from .config import RunConfig
+from .multirun import table_cell, train_in_subprocess
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ import math
 import re
 from pathlib import Path
 
-from .compare import table_cell, train_in_subprocess
 from .config import RunConfig
 from .errors import UserError
+from .multirun import table_cell, train_in_subprocess
 
 log = logging.getLogger(__name__)
 

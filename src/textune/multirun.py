@@ -1,4 +1,6 @@
-"""`textune compare`: every strategy on the same splits and seed, side by side."""
+"""Several runs, each in a process of its own (compare, curve, cv and tune use it), and
+`textune compare`: every strategy on the same splits and seed, side by side. (Not named
+compare.py: a submodule of that name would replace the ``textune.compare`` function.)"""
 
 from __future__ import annotations
 
