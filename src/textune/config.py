@@ -169,6 +169,20 @@ class TrainArgs:
 FRAME_OPTIONS = ("data", "val", "test", "unlabelled")
 """Options that take a pandas DataFrame from Python as well as a file (``data.frame_file``)."""
 
+
+def frames_as_files(options: dict) -> dict:
+    """``options`` with each pandas DataFrame among ``FRAME_OPTIONS`` replaced by the file it is
+    kept as (``data.frame_file``); a caller building several configs from the same options
+    (tune) converts once."""
+    frames = [k for k in FRAME_OPTIONS if hasattr(options.get(k), "to_json")
+              and hasattr(options.get(k), "columns")]
+    if not frames:
+        return options
+    from .data import frame_file
+
+    return {**options, **{k: frame_file(options[k], k) for k in frames}}
+
+
 _GROUPS = {"data": DataArgs, "model": ModelArgs, "strategy": StrategyArgs, "train": TrainArgs}
 """RunConfig's option groups, by field name."""
 
@@ -288,6 +302,7 @@ class RunConfig:
         ``batch_size="auto"`` is 0."""
         names = {g: {f.name for f in fields(c)} for g, c in _GROUPS.items()}
         kw: dict[str, dict] = {g: {} for g in _GROUPS}
+        options = frames_as_files(options)
         out = options.pop("out", "")
         if "strategy" in options:
             kw["strategy"]["name"] = options.pop("strategy")
@@ -298,10 +313,6 @@ class RunConfig:
             if group is None:
                 known = sorted(set().union(*names.values()) - {"name"} | {"strategy", "out"})
                 raise UserError(f"{key}=: not a textune option; options: {', '.join(known)}")
-            if key in FRAME_OPTIONS and hasattr(value, "to_json") and hasattr(value, "columns"):
-                from .data import frame_file  # a pandas DataFrame: kept as a file
-
-                value = frame_file(value, key)
             kw[group][key] = str(value) if isinstance(value, Path) else value
         return cls(out=str(out), **{g: c(**kw[g]) for g, c in _GROUPS.items()})
 

@@ -323,21 +323,19 @@ def read_table(path: str | Path, *, text_col: str | None = None, label_col: str 
     return Table([texts[i] for i in keep], labels, pairs, str(path), rows=keep)
 
 
-def warn_spellings(path: Path, labels: list[str]) -> list[list[str]]:
+def warn_spellings(path: Path, labels: list[str]) -> None:
     """Warn about labels that differ only in case or inner spacing ('Pos' and 'pos'): they
-    train as different classes, which is rarely what the file meant. Returns the groups."""
+    train as different classes, which is rarely what the file meant."""
     from collections import Counter
 
     counts = Counter(labels)
     groups: dict[str, list[str]] = {}
     for name in counts:
         groups.setdefault(" ".join(name.casefold().split()), []).append(name)
-    clashes = [sorted(g, key=lambda n: -counts[n]) for g in groups.values() if len(g) > 1]
-    for g in clashes:
+    for g in (sorted(g, key=lambda n: -counts[n]) for g in groups.values() if len(g) > 1):
         log.warning("%s: labels %s differ only in case or spacing; they are trained as %d "
                     "different classes. If they are one, write them alike in the file",
                     path, " and ".join(f"{n!r} ({counts[n]} rows)" for n in g), len(g))
-    return clashes
 
 
 TAG_SEPARATORS = ("|", ";", ",")
@@ -570,12 +568,16 @@ def save_labels(names: list[str], path: Path) -> None:
 # splits
 
 
+def exact_keys(table: Table) -> list:
+    """What makes two rows one text for the split: the text (and its pair), exactly."""
+    return table.texts if table.pairs is None else list(zip(table.texts, table.pairs))
+
+
 def distinct_texts(table: Table) -> dict[str, int]:
     """Each label's number of distinct texts (exact duplicates count once, as the split keeps
     them together)."""
     seen: dict[str, set] = {}
-    key = table.texts if table.pairs is None else list(zip(table.texts, table.pairs))
-    for k, y in zip(key, table.labels):
+    for k, y in zip(exact_keys(table), table.labels):
         seen.setdefault(y, set()).add(k)
     return {y: len(v) for y, v in seen.items()}
 
@@ -617,7 +619,7 @@ def split_indices(table: Table, val_fraction: float, test_fraction: float, seed:
     from sklearn.model_selection import StratifiedKFold, train_test_split
 
     assert table.labels is not None
-    key = table.texts if table.pairs is None else list(zip(table.texts, table.pairs))
+    key = exact_keys(table)
     groups: dict = {}
     for i, k in enumerate(key):
         groups.setdefault(k, []).append(i)

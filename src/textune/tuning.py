@@ -152,7 +152,10 @@ def tune(data, out, *, grid: dict[str, list] | None = None, seeds: list[int] | N
     in ``out``/tune.md). ``processes``: each run data-parallel in that many processes."""
     from .api import prepare_out_dir
     from .classifier import load
+    from .config import frames_as_files
 
+    options = frames_as_files({"data": data, **options})  # (once, not once a combination)
+    data = options.pop("data")
     base = RunConfig.from_options(data=data, out=out, **options).validate()
     if grid:
         for name in grid:
