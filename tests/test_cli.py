@@ -464,6 +464,10 @@ def test_cache_lists_sizes_and_clears_only_the_parts_named(tmp_path, monkeypatch
 def test_several_runs_and_prompt_refuse_bad_counts(tmp_path, capsys):
     for args, msg in ((["compare", "--data", "x.csv", "--num-processes", "0"],
                        "--num-processes 0: must be 1 or more"),
+                      (["compare", "--data", "x.csv", "--strategies", "frozen,bogus"],
+                       "--strategies: unknown ['bogus']; choose from full, frozen"),
+                      (["cv", "--data", "x.csv", "--folds", "1"], "--folds 1: give 2 or more"),
+                      (["curve", "--data", "x.csv", "--limit", "9"], "give them with --sizes"),
                       (["prompt", "--data", "x.csv", "--temperature-rows", "-1"],
                        "--temperature-rows must be 0 or more")):
         assert main([*args, "--out", str(tmp_path / "o")]) == 2

@@ -75,13 +75,44 @@ def test_compare_from_python_returns_the_table(tiny_bert, toy_csv, tmp_path):
     for m in pkgutil.walk_packages(textune.__path__, "textune."):
         if not m.name.endswith(".__main__"):
             importlib.import_module(m.name)
-    assert all(callable(getattr(textune, n)) for n in ("fit", "tune", "compare", "load"))
+    assert all(callable(getattr(textune, n)) for n in textune.__all__ if n != "__version__")
     table = textune.compare(pd.read_csv(toy_csv), tmp_path / "c", model=str(tiny_bert),
                             strategies="frozen,full", epochs=1, max_length=16, progress=False)
     assert list(table.index) == ["frozen", "full"] and (table["status"] == "ok").all()
     doc = json.loads((tmp_path / "c" / "compare.json").read_text())
     assert table.loc["full", "accuracy"] == doc["rows"][1]["accuracy"]
     assert (tmp_path / "c" / "full" / "metrics.json").exists()
+
+
+def test_cv_and_curve_from_python(tiny_bert, tmp_path):
+    """textune.cv / textune.curve: a DataFrame in, what the commands write out, and the results
+    as Python objects that agree with those files."""
+    df = pd.DataFrame(toy_rows(300), columns=["text", "label"])
+    opts = dict(model=str(tiny_bert), lr=1e-3, epochs=3, max_length=16, progress=False)
+    res = textune.cv(df, tmp_path / "cv", folds=3, **opts)
+    s = json.loads((tmp_path / "cv" / "cv.json").read_text())
+    assert list(res.folds.index) == [0, 1, 2] and (res.folds["status"] == "ok").all()
+    assert res.accuracy == s["pooled"]["accuracy"] and res.accuracy_ci95[0] < res.accuracy
+    assert sorted(res.predictions["row"]) == list(range(300))  # every row once, out of fold
+    assert (res.predictions["text"].to_numpy() == df.loc[res.predictions["row"], "text"]).all()
+    assert np.isclose(res.accuracy, (res.predictions["label"] == res.predictions["predicted"])
+                      .mean())
+    assert len(res.label_issues) == s["label_issues"]
+    assert repr(res).startswith(f"CrossValidation(full {tiny_bert}, 3 folds: accuracy "
+                                f"{res.accuracy:.4f}")
+    with pytest.raises(textune.errors.UserError, match="--folds 1"):
+        textune.cv(df, tmp_path / "cv1", folds=1, **opts)
+    assert not (tmp_path / "cv1").exists()
+
+    table = textune.curve(df, tmp_path / "curve", sizes=[24, 60, "all"], **opts)
+    doc = json.loads((tmp_path / "curve" / "curve.json").read_text())
+    n = doc["training_rows_available"]
+    assert list(table.index) == [24, 60, n] and (table["status"] == "ok").all()
+    assert table["accuracy"].tolist() == [r["accuracy"] for r in doc["rows"]]
+    assert np.isnan(table.loc[24, "gain"]) and table.loc[60, "gain"] == \
+        doc["rows"][1]["gain"]["difference"]
+    assert table.attrs["verdict"].startswith(f"From 60 to {n} training rows")
+    assert (tmp_path / "curve" / "rows-60" / "metrics.json").exists()
 
 
 def test_compare_over_seeds_shares_the_splits(tiny_bert, toy_csv, tmp_path, capsys):
@@ -288,11 +319,12 @@ def test_learning_curve_shares_test_rows_and_pairs_the_steps(tiny_bert, toy_csv,
     assert main(["curve", "--model", str(tiny_bert), "--data", str(toy_csv), "--limit", "50",
                  "--out", str(tmp_path / "bad"), "--quiet"]) == 2
     assert "give them with --sizes" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # (refused before a folder was made)
 
 
 def test_curve_sizes():
-    from textune.curve import parse_sizes
     from textune.errors import UserError
+    from textune.learncurve import parse_sizes
 
     assert parse_sizes(None, 1000) == [125, 250, 500, 1000]
     assert parse_sizes(None, 100) == [32, 50, 100]
@@ -335,3 +367,4 @@ def test_cross_validation_scores_every_row_once(tiny_bert, toy_csv, tmp_path, ca
         assert main(["cv", "--model", str(tiny_bert), "--data", str(toy_csv), *extra,
                      "--out", str(tmp_path / "bad"), "--overwrite", "--quiet"]) == 2
         assert msg in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()

@@ -102,7 +102,7 @@ def test_label_issues_ranks_contradicted_labels_single_and_multi_label():
 
 
 def test_cv_md_cautions_when_the_model_behind_the_list_is_weak():
-    from textune.cv import markdown
+    from textune.crossval import markdown
 
     def md(acc):
         return markdown({"strategy": "frozen", "model": "m", "data": "d", "folds": 5,

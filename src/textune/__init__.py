@@ -20,6 +20,14 @@ def __getattr__(name):  # lazy: `import textune` stays fast, the CLI's --help to
         from .multirun import compare
 
         return compare
+    if name == "cv":
+        from .crossval import cv
+
+        return cv
+    if name == "curve":
+        from .learncurve import curve
+
+        return curve
     if name == "RunConfig":
         from .config import RunConfig
 
@@ -27,5 +35,5 @@ def __getattr__(name):  # lazy: `import textune` stays fast, the CLI's --help to
     raise AttributeError(name)
 
 
-__all__ = ["fit", "tune", "compare", "train", "evaluate_run", "load", "Classifier", "RunConfig",
-           "__version__"]
+__all__ = ["fit", "tune", "compare", "cv", "curve", "train", "evaluate_run", "load",
+           "Classifier", "RunConfig", "__version__"]

@@ -379,16 +379,17 @@ def _seeds(a) -> list[int] | None:
 def cmd_compare(a) -> int:
     check_processes(a)
     from .api import prepare_out_dir
-    from .multirun import run_compare
+    from .multirun import check_strategies, run_compare
 
     if not a.out:
         raise UserError("--out DIR is required: the folder for the table, chart and runs")
-    out = prepare_out_dir(a.out, a.overwrite)
     cfg = config_from_args(a, "full")
+    strategies = [s.strip() for s in a.strategies.split(",") if s.strip()]
+    check_strategies(cfg.validate(), strategies)
+    out = prepare_out_dir(a.out, a.overwrite)
     if a.lr is not None:
         log.warning("--lr %g applies to every strategy; their defaults differ (frozen 1e-3, "
                     "lora 5e-4, adapter 1e-3, full 5e-5)", a.lr)
-    strategies = [s.strip() for s in a.strategies.split(",") if s.strip()]
     rows = run_compare(cfg, strategies, out, seeds=_seeds(a), progress=not a.quiet,
                        processes=a.num_processes)
     print((out / "compare.md").read_text())
@@ -399,11 +400,12 @@ def cmd_compare(a) -> int:
 def cmd_curve(a) -> int:
     check_processes(a)
     from .api import prepare_out_dir
-    from .curve import run_curve
+    from .learncurve import check_curve, run_curve
 
+    base = config_from_args(a, a.strategy)
+    check_curve(base.validate())  # (before a folder is made)
     out = prepare_out_dir(a.out, a.overwrite)
-    rows = run_curve(config_from_args(a, a.strategy), a.sizes, out, progress=not a.quiet,
-                     processes=a.num_processes)
+    rows = run_curve(base, a.sizes, out, progress=not a.quiet, processes=a.num_processes)
     print((out / "curve.md").read_text())
     print(f"table: {out / 'curve.md'}  chart: {out / 'curve.png'}")
     return 0 if any(r["status"] == "ok" for r in rows) else 1
@@ -442,11 +444,13 @@ def cmd_tune(a) -> int:
 def cmd_cv(a) -> int:
     check_processes(a)
     from .api import prepare_out_dir
-    from .cv import run_cv
+    from .crossval import run_cv
 
+    base = config_from_args(a, a.strategy)
+    base.data.folds, base.data.fold = a.folds, 0
+    base.validate()  # (--folds, --test: before a folder is made)
     out = prepare_out_dir(a.out, a.overwrite)
-    s = run_cv(config_from_args(a, a.strategy), a.folds, out, progress=not a.quiet,
-               processes=a.num_processes)
+    s = run_cv(base, a.folds, out, progress=not a.quiet, processes=a.num_processes)
     print((out / "cv.md").read_text())
     print(f"table: {out / 'cv.md'}" + (f"  every row: {out / 'predictions.csv'}  report: "
                                        f"{out / 'report.html'}" if "pooled" in s else ""))

@@ -54,17 +54,13 @@ def compare(data, out, *, strategies=("frozen", "lora", "full"), seeds: list[int
     if isinstance(strategies, str):
         strategies = [s.strip() for s in strategies.split(",") if s.strip()]
     base = RunConfig.from_options(data=data, out=out, **options).validate()
+    check_strategies(base, list(strategies))  # (before a folder is made)
     rows = run_compare(base, list(strategies), prepare_out_dir(out, overwrite), seeds=seeds,
                        progress=progress, processes=processes)
     return pd.DataFrame(rows).set_index("strategy")
 
 
-def run_compare(base: RunConfig, strategies: list[str], out: Path, *,
-                seeds: list[int] | None = None, progress: bool = True,
-                processes: int = 1) -> list[dict]:
-    """Train every strategy (once per seed in ``seeds``; default: the config's seed) on the
-    same splits; writes compare.md / .json / .png after each run. One row per strategy.
-    ``processes``: each training run data-parallel in that many processes."""
+def check_strategies(base: RunConfig, strategies: list[str]) -> None:
     from .strategies import REGISTRY
 
     known = [*REGISTRY, *PROMPTS]
@@ -76,6 +72,15 @@ def run_compare(base: RunConfig, strategies: list[str], out: Path, *,
     if base.data.multi_label and set(strategies) & set(PROMPTS):
         raise UserError("--strategies: the prompting baselines pick one label a text; with "
                         "--multi-label compare the trained strategies only")
+
+
+def run_compare(base: RunConfig, strategies: list[str], out: Path, *,
+                seeds: list[int] | None = None, progress: bool = True,
+                processes: int = 1) -> list[dict]:
+    """Train every strategy (once per seed in ``seeds``; default: the config's seed) on the
+    same splits; writes compare.md / .json / .png after each run. One row per strategy.
+    ``processes``: each training run data-parallel in that many processes."""
+    check_strategies(base, strategies)
     seeds = list(dict.fromkeys(seeds or [base.train.seed]))
     if len(seeds) > 1 and base.data.split_seed is None:
         base.data.split_seed = seeds[0]  # every seed trains and tests on the same rows

@@ -50,15 +50,48 @@ def parse_sizes(spec: str | None, n_train: int) -> list[int]:
     return sizes
 
 
+def curve(data, out, *, sizes=None, overwrite: bool = False, progress: bool = True,
+          processes: int = 1, **options):
+    """``textune curve`` from Python: one strategy (``options`` as in ``fit``; ``strategy="full"``
+    by default) trained on growing samples of ``data``'s training split (``sizes``: row counts,
+    a list or "250,500,all"; default all of it and its halvings), each scored on the same test
+    rows. Returns a DataFrame, one row a size: accuracy with its interval, macro-F1, the gain
+    over the size before and its paired interval; ``.attrs["verdict"]`` says what the last step
+    means for labelling more. Writes curve.md / .json / .png and a run folder a size under
+    ``out``."""
+    import pandas as pd
+
+    from .api import prepare_out_dir
+
+    if sizes is not None and not isinstance(sizes, str):
+        sizes = ",".join(str(n) for n in sizes)
+    base = RunConfig.from_options(data=data, out=out, **options).validate()
+    check_curve(base)
+    rows = run_curve(base, sizes, prepare_out_dir(out, overwrite), progress=progress,
+                     processes=processes)
+    flat = []
+    for r in rows:
+        r = dict(r)
+        gain = r.pop("gain", None) or {}
+        flat.append({**r, "gain": gain.get("difference"), "gain_ci95": gain.get("ci95")})
+    table = pd.DataFrame(flat).set_index("rows")
+    table.attrs["verdict"] = verdict(rows)
+    return table
+
+
+def check_curve(base: RunConfig) -> None:
+    if base.data.limit is not None:
+        raise UserError("--limit: curve sets the training rows of each run itself; give them "
+                        "with --sizes (e.g. --sizes 250,500,1000)")
+
+
 def run_curve(base: RunConfig, sizes: str | None, out: Path, *, progress: bool = True,
               processes: int = 1) -> list[dict]:
     """Train ``base`` once per training size on fixed splits; writes curve.md / .json / .png
     after each run. One row per size."""
     from .api import load_splits
 
-    if base.data.limit is not None:
-        raise UserError("--limit: curve sets the training rows of each run itself; give them "
-                        "with --sizes (e.g. --sizes 250,500,1000)")
+    check_curve(base)
     if base.data.split_seed is None:
         base.data.split_seed = base.split_seed  # (every size: the same validation and test)
     probe = copy.deepcopy(base)

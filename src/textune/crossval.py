@@ -8,12 +8,17 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .config import RunConfig
 from .multirun import table_cell, train_in_subprocess
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +29,64 @@ WEAK_MODEL = 0.9
 right labels the model missed). Accuracy alone cannot tell a weak model from noisy labels
 (bbc-news with 10% or 30% of labels flipped: 0.86 and 0.67 against the noisy labels, and
 85-95% of the listed rows were flipped ones), so this is a caution, not a verdict."""
+
+
+@dataclass
+class CrossValidation:
+    """What ``textune.cv`` returns. ``accuracy`` / ``macro_f1`` (and their ``_ci95``) score the
+    pooled out-of-fold predictions (None if a fold failed); ``folds``: one row a fold;
+    ``predictions``: every row of ``data`` once, predicted by the run that did not train on it
+    (its ``fold`` and its ``row`` in ``data``); ``label_issues``: the rows whose label looks
+    wrong, most likely first (None without cleanlab); ``summary``: ``out``/cv.json."""
+
+    summary: dict
+    folds: pd.DataFrame
+    predictions: pd.DataFrame | None
+    label_issues: pd.DataFrame | None
+
+    def _pooled(self, key):
+        return (self.summary.get("pooled") or {}).get(key)
+
+    accuracy = property(lambda self: self._pooled("accuracy"))
+    accuracy_ci95 = property(lambda self: self._pooled("accuracy_ci95"))
+    macro_f1 = property(lambda self: self._pooled("macro_f1"))
+    macro_f1_ci95 = property(lambda self: self._pooled("macro_f1_ci95"))
+
+    def __repr__(self) -> str:
+        s = self.summary
+        head = f"CrossValidation({s['strategy']} {s['model']}, {s['folds']} folds"
+        if self.accuracy is None:
+            return head + f", {sum(r['status'] == 'ok' for r in s['runs'])} finished)"
+        lo, hi = self.accuracy_ci95
+        issues = "" if self.label_issues is None else f", {len(self.label_issues)} label issues"
+        return head + f": accuracy {self.accuracy:.4f} [{lo:.4f}, {hi:.4f}], macro-F1 " \
+                      f"{self.macro_f1:.4f}{issues})"
+
+
+def cv(data, out, *, folds: int = 5, overwrite: bool = False, progress: bool = True,
+       processes: int = 1, **options) -> CrossValidation:
+    """``textune cv`` from Python: train once per fold of ``data`` (a file, a catalog name or a
+    DataFrame), each run tested on its fold; ``options`` as in ``fit`` (``strategy="full"`` by
+    default). Writes what the command writes under ``out`` (cv.md, predictions.csv,
+    label_issues.csv, report.html, a folder a fold)."""
+    import pandas as pd
+
+    from .api import prepare_out_dir
+    from .labelissues import LABEL_ISSUES
+    from .report import PREDICTIONS
+
+    # (with the folds: --folds and --test are checked before a folder is made)
+    base = RunConfig.from_options(data=data, out=out, folds=folds, fold=0, **options).validate()
+    folder = prepare_out_dir(out, overwrite)
+    s = run_cv(base, folds, folder, progress=progress, processes=processes)
+    table = pd.DataFrame(s["runs"]).set_index("fold")
+
+    def read(name: str):  # (texts as written: an empty one stays "", not NaN)
+        return pd.read_csv(folder / name, keep_default_na=False) if (folder / name).exists() \
+            else None
+
+    return CrossValidation(s, table, read(PREDICTIONS) if "pooled" in s else None,
+                           read(LABEL_ISSUES) if s.get("label_issues") is not None else None)
 
 
 def run_cv(base: RunConfig, folds: int, out: Path, *, progress: bool = True,
