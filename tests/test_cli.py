@@ -289,7 +289,9 @@ def test_test_file_overlapping_training_is_flagged(capsys, tmp_path, tiny_bert, 
     assert "Caveats" in report and "10 of the 20 test texts also occur" in report
 
 
-def test_predict_txt_is_one_text_per_line(capsys, tmp_path, tiny_bert, toy_csv):
+def test_predict_txt_is_one_text_per_line(capsys, tmp_path, tiny_bert, toy_csv, monkeypatch):
+    import io
+
     out = tmp_path / "run"
     assert run_cli(capsys, "train", "--model", str(tiny_bert), "--data", str(toy_csv),
                    "--epochs", "1", "--out", str(out), "--quiet")[0] == 0
@@ -305,6 +307,10 @@ def test_predict_txt_is_one_text_per_line(capsys, tmp_path, tiny_bert, toy_csv):
     code, stdout, err = run_cli(capsys, "predict", str(out), "--input",
                                 str(tmp_path / "table.txt"), "--quiet")
     assert code == 0 and stdout.splitlines()[0].startswith("id,text,label"), err
+    # standard input: the same lines, the same rows (line N of the output answers line N)
+    monkeypatch.setattr("sys.stdin", io.StringIO("good film, really\r\n\nawful plot\n"))
+    code, piped, err = run_cli(capsys, "predict", str(out), "--input", "-", "--quiet")
+    assert code == 0 and piped.splitlines() == rows, err
 
 
 def test_real_process_exit_code(tmp_path):

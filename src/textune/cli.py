@@ -295,7 +295,7 @@ def cmd_predict(a) -> int:
     import pandas as pd
 
     from .classifier import check_min_confidence, load
-    from .data import check_writable, read_inputs, write_frame
+    from .data import check_writable, frame_inputs, read_inputs, write_frame
 
     if a.output and Path(a.output).exists() and not a.overwrite:
         raise UserError(f"--output {a.output}: exists; choose a new file or pass --overwrite")
@@ -312,10 +312,14 @@ def cmd_predict(a) -> int:
         if pair_col:
             raise UserError(f"--input -: this run classifies text pairs (column {pair_col!r}); "
                             f"pass a file with both columns")
-        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
-        if not texts:
+        # one row a line, blank lines kept as blank rows (as a .txt file): output line N
+        # answers input line N, so `paste` can put them side by side
+        lines = [line.rstrip("\r\n") for line in sys.stdin]
+        if not any(line.strip() for line in lines):
             raise UserError("--input -: no text lines on standard input")
-        df, pairs, keep = pd.DataFrame({"text": texts}), None, list(range(len(texts)))
+        df, table, keep = frame_inputs(pd.DataFrame({"text": lines}), "--input -",
+                                       text_col="text")
+        texts, pairs = table.texts, None
     else:
         df, table, keep = read_inputs(a.input, text_col=a.text_col, pair_col=pair_col,
                                       run_text_col=clf.config.data.text_col)
