@@ -18,7 +18,7 @@ from textune.serve import Limits, create_app  # noqa: E402
 
 class FakeClassifier:
     """Counts forward passes; 'pos' in a text makes it positive."""
-    labels = ["neg", "pos"]
+    names = ["neg", "pos"]
 
     def __init__(self):
         self.calls = []
@@ -31,7 +31,7 @@ class FakeClassifier:
         return p
 
     def decide(self, probs):
-        return [self.labels[i] for i in probs.argmax(1)]
+        return [self.names[i] for i in probs.argmax(1)]
 
 
 @pytest.fixture

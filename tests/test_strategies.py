@@ -550,3 +550,34 @@ def test_fit_takes_a_dataframe(tiny_bert, toy_csv, tmp_path):
     assert sorted(multi.labels) == ["neg", "pos", "x"]
     with pytest.raises(UserError, match="data=: the DataFrame has no rows"):
         textune.fit(df.iloc[:0], tmp_path / "empty", **kw)
+
+
+def test_whole_number_labels_come_back_as_ints(tiny_bert, toy_csv, tmp_path, capsys):
+    """A 0/1 label column (a DataFrame's, or a CSV's as pandas reads it): predict returns ints,
+    so comparing with the column compares like with like; the files keep the names as text."""
+    import pandas as pd
+
+    import textune
+    from textune.cli import main
+
+    df = pd.read_csv(toy_csv)
+    df["label"] = (df["label"] == "pos").astype(int)
+    clf = textune.fit(df, tmp_path / "ints", model=tiny_bert, epochs=2, lr=1e-3, max_length=16,
+                      progress=False)
+    assert clf.labels == [0, 1] and clf.names == ["0", "1"]
+    got = clf.predict(df.text[:200])
+    assert {type(y) for y in got} == {int}
+    assert np.mean(np.array(got) == df.label[:200].to_numpy()) > 0.8  # (was 0: '1' != 1)
+    frame = clf.predict_frame(df[["text"]].head(5))
+    assert list(frame.columns) == ["text", "label", "p_0", "p_1"]
+    assert frame["label"].tolist() == got[:5]
+    again = textune.load(tmp_path / "ints")
+    assert again.labels == [0, 1] and again.predict(["x"])[0] in (0, 1)
+    # labels that are not all whole numbers stay text: '01' is not pandas' int 1
+    clf.names = ["01", "1"]
+    assert clf.labels == ["01", "1"] and isinstance(clf.predict(["x"])[0], str)
+    # the CLI writes the names as before
+    (tmp_path / "in.txt").write_text("good film\n")
+    assert main(["predict", str(tmp_path / "ints"), "--input", str(tmp_path / "in.txt"),
+                 "--jsonl", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["label"] in ("0", "1")

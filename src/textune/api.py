@@ -783,7 +783,7 @@ def evaluate_run(run: str | Path, data: str, out: str | Path | None = None, *,
     y, logits = clf.scores(table, progress=progress)
     secs = time.perf_counter() - t
     o = prepare_out_dir(out, False) if out else None
-    metrics = held_out_metrics(table, y, logits, clf.labels, o, thresholds=clf.thresholds,
+    metrics = held_out_metrics(table, y, logits, clf.names, o, thresholds=clf.thresholds,
                                label_sep=cfg.data.label_sep)
     metrics.update({"split": split_name, "run": str(run), "seconds": round(secs, 3),
                     "truncation": cfg.data.truncation,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -75,15 +76,36 @@ def _strings(items, name: str) -> list[str]:
     return items
 
 
+def _whole_number(name: str) -> bool:
+    """A label as pandas would read it into an int column: ``0``, ``12``, ``-1`` (not ``01``,
+    ``1.0``, `` 1``)."""
+    return re.fullmatch(r"-?(0|[1-9][0-9]*)", name) is not None
+
+
 class Predictor:
     """What every reloaded run does with texts, whatever computes its scores: a trained run
     (``Classifier``) or a `textune prompt` run (``prompt.PromptClassifier``). Subclasses set
-    ``labels``, ``config`` (the data settings: text columns, multi-label), ``multi_label``,
+    ``names``, ``config`` (the data settings: text columns, multi-label), ``multi_label``,
     ``thresholds``, ``temperature``, ``metrics`` and implement ``_check_pairs`` and
     ``_logits``."""
 
-    labels: list[str]
+    names: list[str]
+    """The run's labels as written in its files (labels.json, the ``p_<class>`` columns)."""
     config: RunConfig
+
+    @property
+    def labels(self) -> list:
+        """The labels, in ``predict_proba``'s column order, of the type ``predict`` returns:
+        ints where every label is a whole number (a 0/1 column of a DataFrame or a CSV, which
+        pandas reads as ints: ``clf.predict(df.text) == df.label`` compares like with like),
+        else strings."""
+        return self._typed(self.names)
+
+    def _typed(self, values: list) -> list:
+        if self.names and all(_whole_number(n) for n in self.names):
+            return [int(v) if isinstance(v, str) else [int(t) for t in v] for v in values]
+        return list(values)
+
     multi_label: bool = False
     thresholds: np.ndarray | None = None
     temperature: float = 1.0
@@ -101,7 +123,7 @@ class Predictor:
             raise UserError(f"{len(texts)} texts but {len(pairs)} pairs; give one pair a text")
         self._check_pairs(pairs)
         if len(texts) == 0:
-            return np.zeros((0, len(self.labels)), dtype=np.float32)
+            return np.zeros((0, len(self.names)), dtype=np.float32)
         return self._logits(texts, pairs, batch_size, progress)
 
     def predict_frame(self, df, text_col: str | None = None, pair_col: str | None = None, *,
@@ -118,12 +140,14 @@ class Predictor:
                                           run_text_col=self.config.data.text_col)
         probs = self.predict_proba(table.texts, table.pairs, batch_size=batch_size,
                                    progress=progress)
-        return self.annotate(frame, probs, keep, min_confidence)
+        return self.annotate(frame, probs, keep, min_confidence, typed=True)
 
     def annotate(self, df, probs: np.ndarray, keep: list[int],
-                 min_confidence: float | None = None):
+                 min_confidence: float | None = None, typed: bool = False):
         """``df`` with the decisions and probabilities of its rows ``keep`` (positions) added;
-        the other rows blank. (``predict_frame`` and `textune predict`.)"""
+        the other rows blank. (``predict_frame`` and `textune predict`.) ``typed``: labels of
+        the type of ``labels`` (ints where they are whole numbers), else as the files have
+        them."""
         import pandas as pd
 
         from .data import TAG_JOIN
@@ -134,13 +158,15 @@ class Predictor:
         chosen = self.decide(probs)
         if self.multi_label:  # one cell of tags, joined as in the training file
             chosen = [(self.config.data.label_sep or TAG_JOIN).join(tags) for tags in chosen]
+        elif typed:
+            chosen = self._typed(chosen)
         if min_confidence is not None:  # below it: no label, for a person to decide
             unsure = probs.max(1) < min_confidence
             chosen = [None if u else c for c, u in zip(chosen, unsure)]
         pred = pd.Series([None] * len(df), dtype=object)
         pred.iloc[keep] = chosen
         out[name] = pred.values
-        for j, n in enumerate(self.labels):
+        for j, n in enumerate(self.names):
             col = pd.Series([float("nan")] * len(df))
             col.iloc[keep] = probs[:, j].astype(np.float64).round(6)
             out[f"p_{n}"] = col.values
@@ -185,9 +211,9 @@ class Predictor:
         """``predict_proba``'s rows -> the label of each (multi-label: the list of its tags
         at or above their thresholds)."""
         if self.multi_label:
-            return [[self.labels[j] for j in np.flatnonzero(row)]
+            return [[self.names[j] for j in np.flatnonzero(row)]
                     for row in probs >= self.thresholds]
-        return [self.labels[i] for i in probs.argmax(-1)]
+        return [self.names[i] for i in probs.argmax(-1)]
 
     def uncertainty(self, probs: np.ndarray) -> np.ndarray:
         """How unsure each row's decision is, in [0, 1] (1: a coin toss): one minus the margin
@@ -205,8 +231,9 @@ class Predictor:
 
     def predict(self, texts: list[str], pairs: list[str] | None = None,
                 batch_size: int | None = None) -> list[str] | list[list[str]]:
-        """The label of each text; multi-label: the list of each text's tags."""
-        return self.decide(self.predict_proba(texts, pairs, batch_size))
+        """The label of each text; multi-label: the list of each text's tags (of the type of
+        ``labels``)."""
+        return self._typed(self.decide(self.predict_proba(texts, pairs, batch_size)))
 
     def scores(self, table: Table, batch_size: int | None = None,
                progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -215,13 +242,13 @@ class Predictor:
         from .data import encode_labels
 
         assert table.labels is not None
-        y = encode_labels(table.labels, self.labels, table.source)
+        y = encode_labels(table.labels, self.names, table.source)
         return y, self.logits(table.texts, table.pairs, batch_size, progress) / self.temperature
 
     def evaluate(self, table: Table, batch_size: int | None = None,
                  progress: bool = False) -> dict:
         y, logits = self.scores(table, batch_size, progress)
-        return classification_metrics(y, logits, self.labels, uncertainty=True,
+        return classification_metrics(y, logits, self.names, uncertainty=True,
                                       thresholds=self.thresholds)
 
 
@@ -235,7 +262,7 @@ class Classifier(Predictor):
                  device: str | torch.device = "cpu"):
         self.model = model.eval().to(device)
         self.tokenizer = tokenizer
-        self.labels = labels
+        self.names = labels
         self.config = config
         self.device = torch.device(device)
         self.metrics: dict | None = None
@@ -316,7 +343,7 @@ class Classifier(Predictor):
                                [pairs[i] for i in c])
 
         amp = self._amp()
-        out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
+        out = np.zeros((len(texts), len(self.names)), dtype=np.float32)
         held, held_enc = np.zeros(0, dtype=np.int64), None
         with ThreadPoolExecutor(1) as pool, tqdm(total=len(texts), desc="predict", leave=False,
                                                  disable=not progress, mininterval=1) as bar:

@@ -350,15 +350,15 @@ class PromptClassifier(Predictor):
         run = Path(run)
         cfg = json.loads((run / "config.json").read_text(encoding="utf-8"))
         self.metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
-        self.labels = json.loads((run / "labels.json").read_text(encoding="utf-8"))
+        self.names = json.loads((run / "labels.json").read_text(encoding="utf-8"))
         known = {f.name for f in fields(PromptArgs)}
         self.args = PromptArgs(**{k: v for k, v in cfg.items() if k in known})
         self.config = run_config(self.args)
         from .classifier import fitted_calibration
 
-        self.temperature = fitted_calibration(run, self.labels)[0]
+        self.temperature = fitted_calibration(run, self.names)[0]
         verb = self.metrics["verbalizers"]
-        self.verbalizers = [verb[n] for n in self.labels]
+        self.verbalizers = [verb[n] for n in self.names]
         self.demos = [(d["text"], verb[d["label"]]) for d in self.metrics["demonstrations"]]
         dev = self.device = torch.device(device or ("cuda" if torch.cuda.is_available()
                                                    else "cpu"))
@@ -389,7 +389,7 @@ class PromptClassifier(Predictor):
         if a.calibrate == "content-free" and self._cf is None:
             self._cf = content_free_scores(self.scorer, self.verbalizers, self.demos, self.kw, a)
         means = self.metrics.get("mean_label_scores")
-        means = np.array([means[n] for n in self.labels]) if means else None
+        means = np.array([means[n] for n in self.names]) if means else None
         # (a run from before textune kept the means: centred on these texts)
         return calibrate_new(raw, a.calibrate, means, self._cf).astype(np.float32)
 

@@ -180,7 +180,7 @@ def create_app(clf, run: Path, limits: Limits | None = None):
 
     @app.get("/info")
     async def info():
-        return {"run": str(run), "labels": list(clf.labels), "metrics": metrics,
+        return {"run": str(run), "labels": list(clf.names), "metrics": metrics,
                 "limits": limits.__dict__, "batches": batcher.batches,
                 "texts_predicted": batcher.texts}
 
@@ -200,7 +200,7 @@ def create_app(clf, run: Path, limits: Limits | None = None):
         except BadRequest as e:
             return error(e.status, e.msg)
         probs = await batcher.submit(texts)
-        labels = list(clf.labels)
+        labels = list(clf.names)
         return {"labels": clf.decide(probs),
                 "probabilities": [{lab: round(float(p), 6) for lab, p in zip(labels, row)}
                                   for row in probs]}
