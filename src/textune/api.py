@@ -56,7 +56,13 @@ from .metrics import (
     sigmoid,
     softmax,
 )
-from .modeling import classification_loss, count_params, load_tokenizer, resolve_model
+from .modeling import (
+    classification_loss,
+    count_params,
+    load_tokenizer,
+    quiet_transformers,
+    resolve_model,
+)
 from .strategies import get_strategy
 
 log = logging.getLogger(__name__)
@@ -232,8 +238,16 @@ def _peak_memory_mb(device: torch.device) -> float:
 def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dict:
     """Fine-tune, evaluate on the held-out test split, and write the run folder.
 
-    Returns the metrics written to ``metrics.json``.
+    Returns the metrics written to ``metrics.json``. ``progress=False``: no progress bars,
+    transformers' own (loading weights) included.
     """
+    import contextlib
+
+    with contextlib.nullcontext() if progress else quiet_transformers():
+        return _train(cfg, progress=progress, resume=resume)
+
+
+def _train(cfg: RunConfig, *, progress: bool, resume: bool) -> dict:
     cfg.validate()
     # with several processes the launcher prepared the folder; only rank 0 writes to it
     rank = launched_rank()
