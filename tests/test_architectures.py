@@ -88,3 +88,48 @@ def test_adapter_refuses_a_family_it_cannot_place_in_one_line(tmp_path, toy_csv)
                     TrainArgs(epochs=1), str(tmp_path / "o"))
     with pytest.raises(UserError, match="'albert' model .* use --strategy lora"):
         train(cfg, progress=False)
+
+
+def test_sentencepiece_tokenizer_without_tokenizer_json(tmp_path, monkeypatch):
+    """DeBERTa-v3 as the hub has it: spm.model and no tokenizer.json. transformers converts
+    it (sentencepiece + protobuf, textune's dependencies); the run saves the converted
+    tokenizer, reloads and predicts alike. Without the packages: one line naming them."""
+    import pandas as pd
+    import sentencepiece as spm
+    import transformers as T
+
+    from textune.errors import UserError
+    from textune.modeling import load_tokenizer
+
+    rows = toy_rows(200)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(t for t, _ in rows))
+    model = tmp_path / "deberta-v3"
+    model.mkdir()
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(model / "spm"), vocab_size=60, model_type="unigram",
+        pad_id=0, bos_id=1, eos_id=2, unk_id=3, pad_piece="[PAD]", bos_piece="[CLS]",
+        eos_piece="[SEP]", unk_piece="[UNK]", user_defined_symbols=["[MASK]"], minloglevel=2)
+    (model / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "DebertaV2Tokenizer", "do_lower_case": False}))
+    small = {**SMALL, "vocab_size": 60}
+    T.DebertaV2Model(T.DebertaV2Config(type_vocab_size=0, pad_token_id=0, **small)) \
+        .save_pretrained(model)
+    assert not (model / "tokenizer.json").exists()
+    out = tmp_path / "run"
+    m = train(RunConfig(DataArgs(str(write_csv(tmp_path / "toy.csv", rows)), max_length=32),
+                        ModelArgs(str(model)), StrategyArgs("full"),
+                        TrainArgs(epochs=1, batch_size=16, lr=1e-3, seed=0), str(out)),
+              progress=False)
+    assert m["n_eval"] == 20
+    pred = pd.read_csv(out / "predictions.csv")
+    assert np.allclose(textune.load(out).predict_proba(pred["text"].tolist()),
+                       pred[["p_neg", "p_pos"]].to_numpy(), atol=1e-4)
+
+    def without_packages(*a, **k):  # (what transformers raises when it cannot convert)
+        raise ValueError("`tiktoken` is required to read a `tiktoken` file.")
+
+    monkeypatch.setattr(T.AutoTokenizer, "from_pretrained", without_packages)
+    monkeypatch.setattr("textune.modeling._importable", lambda mod: mod != "sentencepiece")
+    with pytest.raises(UserError, match=r"needs sentencepiece: pip install sentencepiece$"):
+        load_tokenizer(str(model))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import inspect
 import logging
 from pathlib import Path
@@ -129,6 +130,13 @@ def model_not_found_hint() -> str:
             f"access, or pass a local folder")
 
 
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # (its parent package is missing)
+        return False
+
+
 def load_tokenizer(src: str):
     from transformers import AutoTokenizer
 
@@ -137,6 +145,17 @@ def load_tokenizer(src: str):
     except OSError as e:
         raise UserError(f"--model {src}: could not load a tokenizer ({str(e).splitlines()[0]}); "
                         f"{model_not_found_hint()}") from None
+    except (ImportError, ValueError) as e:
+        # A SentencePiece model without a tokenizer.json (DeBERTa-v3, ALBERT, XLNet...) is
+        # converted by transformers, which needs two packages; without them its last fallback
+        # says `tiktoken` is missing, which sends the user the wrong way.
+        missing = [p for p, mod in (("sentencepiece", "sentencepiece"),
+                                    ("protobuf", "google.protobuf")) if not _importable(mod)]
+        if missing:
+            raise UserError(f"--model {src}: its tokenizer needs converting, which needs "
+                            f"{' and '.join(missing)}: pip install {' '.join(missing)}") from None
+        raise UserError(f"--model {src}: could not load its tokenizer "
+                        f"({str(e).splitlines()[0]})") from None
     if tok.pad_token is None:
         # Reuse an existing token rather than growing the embedding matrix: the pad position is
         # masked out of attention and pooling, so which token it is does not matter.
