@@ -133,3 +133,54 @@ def test_sentencepiece_tokenizer_without_tokenizer_json(tmp_path, monkeypatch):
     monkeypatch.setattr("textune.modeling._importable", lambda mod: mod != "sentencepiece")
     with pytest.raises(UserError, match=r"needs sentencepiece: pip install sentencepiece$"):
         load_tokenizer(str(model))
+
+
+ACME_CONFIG = '''from transformers import BertConfig
+
+
+class AcmeConfig(BertConfig):
+    model_type = "acme_bert"
+'''
+ACME_MODEL = '''from transformers import BertModel
+
+from .configuration_acme import AcmeConfig
+
+
+class AcmeModel(BertModel):
+    config_class = AcmeConfig
+'''
+
+
+@pytest.mark.parametrize("strategy", ["full", "lora"])
+def test_model_with_code_of_its_own_needs_trust_remote_code(strategy, tmp_path, capsys):
+    """A repository that brings its own modelling code (config.json auto_map, as nomic or jina
+    embedding models do): refused in one line without --trust-remote-code; with it, it trains,
+    and the run reloads (with the flag it was made with) and predicts alike."""
+    import pandas as pd
+    import transformers as T
+
+    from textune.cli import main
+
+    model = tmp_path / "acme"
+    make_tokenizer(model, POS + NEG + FILL + [str(i) for i in range(10)])
+    T.BertModel(T.BertConfig(**SMALL)).save_pretrained(model)
+    (model / "configuration_acme.py").write_text(ACME_CONFIG)
+    (model / "modeling_acme.py").write_text(ACME_MODEL)
+    conf = json.loads((model / "config.json").read_text())
+    conf.update(model_type="acme_bert", architectures=["AcmeModel"], auto_map={
+        "AutoConfig": "configuration_acme.AcmeConfig", "AutoModel": "modeling_acme.AcmeModel"})
+    (model / "config.json").write_text(json.dumps(conf))
+    data = write_csv(tmp_path / "toy.csv", toy_rows(200))
+    args = ["train", "--model", str(model), "--data", str(data), "--strategy", strategy,
+            "--epochs", "1", "--lr", "1e-3", "--max-length", "32", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert "runs only with --trust-remote-code" in err and "Traceback" not in err
+    assert "Do you wish to run the custom code" not in err  # (transformers' prompt: it waits)
+    out = tmp_path / "run"
+    assert main([*args, "--trust-remote-code", "--out", str(out)]) == 0
+    clf = textune.load(out)
+    assert type(clf.model.backbone).__name__ in ("AcmeModel", "PeftModel", "LoraModel")
+    pred = pd.read_csv(out / "predictions.csv")
+    assert np.allclose(clf.predict_proba(pred["text"].tolist()),
+                       pred[["p_neg", "p_pos"]].to_numpy(), atol=1e-4)

@@ -61,7 +61,9 @@ from .modeling import (
     count_params,
     load_tokenizer,
     quiet_transformers,
+    remote_code,
     resolve_model,
+    trust_remote_code,
 )
 from .strategies import get_strategy
 
@@ -243,7 +245,8 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dic
     """
     import contextlib
 
-    with contextlib.nullcontext() if progress else quiet_transformers():
+    with contextlib.nullcontext() if progress else quiet_transformers(), \
+            trust_remote_code(cfg.model.trust_remote_code):
         return _train(cfg, progress=progress, resume=resume)
 
 
@@ -265,7 +268,7 @@ def _train(cfg: RunConfig, *, progress: bool, resume: bool) -> dict:
         splits.split["unlabelled"] = len(pool)
     from transformers import AutoConfig
 
-    cap = model_max_length(tokenizer, AutoConfig.from_pretrained(src))
+    cap = model_max_length(tokenizer, AutoConfig.from_pretrained(src, **remote_code()))
     lengths = text_lengths(tokenizer, splits.train if pool is None else Table(
         splits.train.texts + pool.texts, None, None if splits.train.pairs is None else
         splits.train.pairs + pool.pairs, "training texts"), seed=cfg.split_seed)

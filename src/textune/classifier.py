@@ -21,6 +21,7 @@ from .modeling import (
     quiet_transformers,
     resolve_model,
     set_dropout,
+    trust_remote_code,
 )
 from .strategies import get_strategy
 
@@ -388,14 +389,16 @@ def load(run_dir: str | Path, device: str | None = None, merge: bool = True) -> 
     labels = json.loads((run / "labels.json").read_text(encoding="utf-8"))
     strategy = get_strategy(cfg.strategy.name, **cfg.strategy.options())
     saved = strategy.saved_backbone(run)
-    with quiet_transformers():  # (the run loaded once already; its load report is noise now)
+    # (the run loaded once already; its load report is noise now. A model with code of its
+    # own: the run was made with --trust-remote-code, so it reloads with it)
+    with quiet_transformers(), trust_remote_code(cfg.model.trust_remote_code):
         model = build_model(cfg, len(labels), str(saved) if saved else None)
-    try:
-        model = strategy.load(model, run)
-    except FileNotFoundError as e:
-        raise UserError(f"{run}: weights missing ({Path(e.filename or '').name}); the run did "
-                        f"not finish, or files were removed") from None
-    tokenizer = load_tokenizer(str(run / "tokenizer"))
+        try:
+            model = strategy.load(model, run)
+        except FileNotFoundError as e:
+            raise UserError(f"{run}: weights missing ({Path(e.filename or '').name}); the run "
+                            f"did not finish, or files were removed") from None
+        tokenizer = load_tokenizer(str(run / "tokenizer"))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     clf = Classifier(model, tokenizer, labels, cfg, device)
     if merge and cfg.strategy.name == "lora" and clf._amp() is None and all(

@@ -50,6 +50,9 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="QLoRA: 4-bit NF4 backbone (CUDA + bitsandbytes; with --strategy lora)")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in the backward pass: less memory, ~30%% slower")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="run the modelling code a model's repository brings (its config.json "
+                        "auto_map); only for code you trust")
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="catalog dataset or CSV/TSV/JSONL/Parquet file")
     g.add_argument("--val", help="validation file (default: split from --data)")
@@ -548,15 +551,16 @@ def cmd_plan(a) -> int:
     cfg = config_from_args(a, a.strategy)
     cfg.validate()
     src = resolve_model(cfg.model.model)
+    trust = {"trust_remote_code": cfg.model.trust_remote_code}
     try:
-        mcfg = AutoConfig.from_pretrained(src)
+        mcfg = AutoConfig.from_pretrained(src, **trust)
     except OSError as e:
         from .modeling import model_not_found_hint
 
         raise UserError(f"--model {a.model}: no config ({str(e).splitlines()[0]}); "
                         f"{model_not_found_hint()}") from None
     with init_empty_weights():  # shapes only: no weights are read or allocated
-        model = TextClassifier(AutoModel.from_config(mcfg), 2, cfg.model.pooling)
+        model = TextClassifier(AutoModel.from_config(mcfg, **trust), 2, cfg.model.pooling)
         model = get_strategy(cfg.strategy.name, **cfg.strategy.options()).setup(model)
     trainable, total = count_params(model)
     import torch
@@ -798,6 +802,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("prompt", help="zero-/few-shot classification with a causal LM "
                        "(no training), scored on the same splits as train")
     q.add_argument("--model", default="smollm2-135m", help="a causal LM: catalog, folder, hub id")
+    q.add_argument("--trust-remote-code", action="store_true",
+                   help="run the modelling code a model's repository brings; only for code you "
+                        "trust")
     q.add_argument("--data", required=True)
     q.add_argument("--val")
     q.add_argument("--test", help="evaluation file (default: the test split of --data)")
@@ -843,6 +850,9 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--corpus", help="text file, folder of text files, or a catalog corpus "
                     "(peoples-daily, bbc-news-text)")
     pt.add_argument("--model", help="encoder to continue (catalog, folder, hub id)")
+    pt.add_argument("--trust-remote-code", action="store_true",
+                    help="run the modelling code a model's repository brings; only for code you "
+                         "trust")
     pt.add_argument("--init", default=None, choices=["pretrained", "scratch"],
                     help="scratch: learn a WordPiece vocabulary and build a small BERT")
     pt.add_argument("--objective", default="mlm", choices=["mlm", "mlm+nsp"])
@@ -999,6 +1009,12 @@ def main(argv: list[str] | None = None) -> int:
             print("textune: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
+        if not a.debug and isinstance(e, ValueError) and "trust_remote_code=True" in str(e):
+            from .modeling import REMOTE_CODE_HINT
+
+            print(f"textune: error: --model {getattr(a, 'model', '')}: {REMOTE_CODE_HINT}",
+                  file=sys.stderr)
+            return 2
         where = out_of_memory(e)
         if a.debug or where is None:
             raise

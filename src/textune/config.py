@@ -83,6 +83,8 @@ class ModelArgs:
     load_in_4bit: bool = False
     """QLoRA: the frozen backbone quantised to 4-bit NF4 (bitsandbytes, CUDA only)."""
     gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    """Run the modelling code a model's repository brings (transformers' trust_remote_code)."""
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib.util
 import inspect
@@ -141,11 +142,13 @@ def load_tokenizer(src: str):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(src)
+        tok = AutoTokenizer.from_pretrained(src, **remote_code())
     except OSError as e:
         raise UserError(f"--model {src}: could not load a tokenizer ({str(e).splitlines()[0]}); "
                         f"{model_not_found_hint()}") from None
     except (ImportError, ValueError) as e:
+        if "trust_remote_code" in str(e):
+            raise UserError(f"--model {src}: {REMOTE_CODE_HINT}") from None
         # A SentencePiece model without a tokenizer.json (DeBERTa-v3, ALBERT, XLNet...) is
         # converted by transformers, which needs two packages; without them its last fallback
         # says `tiktoken` is missing, which sends the user the wrong way.
@@ -174,6 +177,31 @@ def is_decoder(config) -> bool:
 
     t = type(config)
     return t in MODEL_FOR_CAUSAL_LM_MAPPING and t not in MODEL_FOR_MASKED_LM_MAPPING
+
+
+_TRUST = contextvars.ContextVar("textune_trust_remote_code", default=False)
+
+
+@contextlib.contextmanager
+def trust_remote_code(flag: bool):
+    """Inside it, models, configs and tokenizers are loaded with ``trust_remote_code=flag``
+    (``--trust-remote-code``: a model whose repository brings its own modelling code)."""
+    token = _TRUST.set(bool(flag))
+    try:
+        yield
+    finally:
+        _TRUST.reset(token)
+
+
+def remote_code() -> dict:
+    """The keyword every ``from_pretrained`` / ``from_config`` call of textune passes (False
+    said outright: left unset, transformers asks on the terminal and waits for an answer)."""
+    return {"trust_remote_code": _TRUST.get()}
+
+
+REMOTE_CODE_HINT = ("the model's repository brings modelling code of its own (config.json "
+                    "auto_map), which runs only with --trust-remote-code: pass it if you trust "
+                    "that code")
 
 
 @contextlib.contextmanager
@@ -213,7 +241,8 @@ def load_backbone(src: str, dtype: torch.dtype | None = None, load_in_4bit: bool
             bnb_4bit_compute_dtype=torch.bfloat16)
         kw["device_map"] = {"": torch.cuda.current_device()}
     try:
-        model = AutoModel.from_pretrained(src, dtype=dtype or torch.float32, **kw)
+        model = AutoModel.from_pretrained(src, dtype=dtype or torch.float32, **kw,
+                                          **remote_code())
     except OSError as e:
         raise UserError(f"--model {src}: could not load ({str(e).splitlines()[0]}); a hub id "
                         f"needs network access, or pass a local folder / catalog name") from None

@@ -28,6 +28,7 @@ from torch import nn
 from .data import padded_width
 from .env import environment
 from .errors import UserError
+from .modeling import remote_code, trust_remote_code
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 class PretrainArgs:
     corpus: str = ""
     model: str | None = None
+    trust_remote_code: bool = False
     init: str = "pretrained"
     """pretrained (continue --model) or scratch (learn a vocabulary, build a small BERT)."""
     objective: str = "mlm"
@@ -619,13 +621,13 @@ def build_model(a: PretrainArgs, tokenizer, src: str | None) -> tuple[nn.Module,
         log.info("from scratch: BERT %d layers, hidden %d, %d heads, vocabulary %d (%s params)",
                  L, H, A, len(tokenizer), f"{sum(p.numel() for p in model.parameters()):,}")
         return model, ["all (random initialisation)"]
-    config = AutoConfig.from_pretrained(src)
+    config = AutoConfig.from_pretrained(src, **remote_code())
     if nsp and config.model_type != "bert":
         raise UserError(f"--objective mlm+nsp needs a BERT-style model (next-sentence head); "
                         f"{config.model_type} has none: use --objective mlm")
     cls = BertForPreTraining if nsp else AutoModelForMaskedLM
     try:
-        model, info = cls.from_pretrained(src, output_loading_info=True)
+        model, info = cls.from_pretrained(src, output_loading_info=True, **remote_code())
     except ValueError as e:
         raise UserError(f"--model {src}: no masked-LM form ({str(e).splitlines()[0]})") from None
     missing = sorted({k.split(".")[0] + "." + k.split(".")[1] if k.count(".") > 1 else k
@@ -645,6 +647,12 @@ def encoder_of(model: nn.Module) -> nn.Module:
 
 def pretrain(a: PretrainArgs, *, progress: bool = True, resume: bool = False,
              overwrite: bool = False) -> dict:
+    """Continue pretraining (or pretrain from scratch) on ``a.corpus``; write ``a.out``."""
+    with trust_remote_code(a.trust_remote_code):
+        return _pretrain(a, progress=progress, resume=resume, overwrite=overwrite)
+
+
+def _pretrain(a: PretrainArgs, *, progress: bool, resume: bool, overwrite: bool) -> dict:
     from . import hub
     from .api import _peak_memory_mb, prepare_out_dir, seed_everything
     from .config import TrainArgs

@@ -35,6 +35,7 @@ import torch
 from .classifier import Predictor
 from .env import environment
 from .errors import UserError
+from .modeling import trust_remote_code
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ CATALOG_TEMPLATES = {"rt-polarity": "Text: {text}\nSentiment:",
 @dataclass
 class PromptArgs:
     model: str = "smollm2-135m"
+    trust_remote_code: bool = False
     data: str = ""
     val: str | None = None
     test: str | None = None
@@ -362,7 +364,8 @@ class PromptClassifier(Predictor):
         self.demos = [(d["text"], verb[d["label"]]) for d in self.metrics["demonstrations"]]
         dev = self.device = torch.device(device or ("cuda" if torch.cuda.is_available()
                                                    else "cpu"))
-        model, tok, _ = load_causal_lm(self.args.model, dev)
+        with trust_remote_code(self.args.trust_remote_code):
+            model, tok, _ = load_causal_lm(self.args.model, dev)
         self.kw = {"template": self.args.template or DEFAULT_TEMPLATE,
                    "instruction": self.args.instruction, "chat": use_chat(tok, self.args.chat),
                    "max_text_tokens": self.args.max_length}
@@ -444,20 +447,26 @@ def run_config(a: PromptArgs):
 def load_causal_lm(spec: str, device: torch.device):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .modeling import is_decoder, load_tokenizer, resolve_model
+    from .modeling import is_decoder, load_tokenizer, remote_code, resolve_model
 
     src = resolve_model(spec)
-    config = AutoConfig.from_pretrained(src)
+    config = AutoConfig.from_pretrained(src, **remote_code())
     if not is_decoder(config):
         raise UserError(f"--model {spec}: prompting needs a causal (decoder) LM, this is "
                         f"{type(config).__name__}; try smollm2-135m or gemma3-270m")
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() \
         else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype).to(device)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **remote_code()).to(device)
     return model, load_tokenizer(src), src
 
 
 def run_prompt(a: PromptArgs, *, progress: bool = True, overwrite: bool = False) -> dict:
+    """Score ``a.data``'s evaluation rows by prompting ``a.model``; write the run folder."""
+    with trust_remote_code(a.trust_remote_code):
+        return _run_prompt(a, progress=progress, overwrite=overwrite)
+
+
+def _run_prompt(a: PromptArgs, *, progress: bool, overwrite: bool) -> dict:
     from .api import (
         _data_key,
         _peak_memory_mb,

@@ -91,9 +91,12 @@ def default_lr_grid(base: RunConfig) -> list[tuple[str, str, list]]:
     if strategy.default_lr_decoder and not base.train.lr:
         from transformers import AutoConfig
 
-        from .modeling import is_decoder, resolve_model
+        from .modeling import is_decoder, remote_code, resolve_model, trust_remote_code
 
-        if is_decoder(AutoConfig.from_pretrained(resolve_model(base.model.model))):
+        with trust_remote_code(base.model.trust_remote_code):
+            decoder = is_decoder(AutoConfig.from_pretrained(resolve_model(base.model.model),
+                                                            **remote_code()))
+        if decoder:
             default = strategy.default_lr_decoder
     if base.train.batch_tokens and not base.train.lr:
         default = _batch_tokens_default(base, default)
@@ -110,16 +113,18 @@ def _batch_tokens_default(base: RunConfig, default: float) -> float:
 
     from .api import batch_tokens_lr, load_splits
     from .data import choose_max_length, model_max_length, text_lengths
-    from .modeling import load_tokenizer, resolve_model
+    from .modeling import load_tokenizer, remote_code, resolve_model, trust_remote_code
 
     src = resolve_model(base.model.model)
-    tokenizer = load_tokenizer(src)
+    with trust_remote_code(base.model.trust_remote_code):
+        tokenizer = load_tokenizer(src)
+        mcfg = AutoConfig.from_pretrained(src, **remote_code())
     cfg = copy.deepcopy(base)
     if cfg.data.split_seed is None:
         cfg.data.split_seed = cfg.split_seed
     train = load_splits(cfg).train
     lengths = text_lengths(tokenizer, train, seed=cfg.split_seed)
-    cap = model_max_length(tokenizer, AutoConfig.from_pretrained(src))
+    cap = model_max_length(tokenizer, mcfg)
     width = cfg.data.max_length or choose_max_length(lengths, cap)
     lr, rows = batch_tokens_lr(default, np.minimum(lengths, width), cfg.train)
     log.info("--batch-tokens %d: ~%.0f rows per step, so train's default learning rate is "
