@@ -37,7 +37,7 @@ def main() -> None:
 
     import textune
     from textune.data import resolve_data
-    from textune.prompt import PromptArgs, run_prompt
+    from textune.prompting import PromptArgs, run_prompt
 
     work = Path(a.out or tempfile.mkdtemp(prefix="textune-distill-"))
     work.mkdir(parents=True, exist_ok=True)

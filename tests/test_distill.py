@@ -160,7 +160,7 @@ def test_a_prompt_run_teaches(causal_lm, tiny_bert, files, tmp_path):
                  "--out", str(out), "--quiet"]) == 0
     prompted = json.loads((out / "metrics.json").read_text())
     from textune import load
-    from textune.prompt import PromptClassifier
+    from textune.prompting import PromptClassifier
 
     clf = load(out)
     assert isinstance(clf, PromptClassifier)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from textune.cli import main
-from textune.pretrain import (
+from textune.pretraining import (
     PretrainData,
     TokenCache,
     _Docs,
@@ -279,7 +279,7 @@ def test_masked_positions_only_head_equals_the_full_head_loss():
     import torch
     from transformers import BertConfig, BertForPreTraining
 
-    from textune.pretrain import PretrainModel
+    from textune.pretraining import PretrainModel
 
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -295,3 +295,20 @@ def test_masked_positions_only_head_equals_the_full_head_loss():
     hf = bert(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels,
               next_sentence_label=1 - nsl).loss
     torch.testing.assert_close(ours, hf)
+
+
+def test_pretrain_from_python_then_fit(corpus, tmp_path, toy_csv):
+    import textune
+    from textune.errors import UserError
+
+    m = textune.pretrain(corpus, tmp_path / "pt", vocab_size=300, size="tiny", max_length=64,
+                         max_steps=4, batch_size=8, progress=False)
+    assert m == json.loads((tmp_path / "pt" / "metrics.json").read_text())
+    assert m["steps"] == 4 and "eval_mlm_loss_after" in m  # (init: scratch, as without a model)
+    clf = textune.fit(toy_csv, tmp_path / "ft", model=tmp_path / "pt", epochs=1,
+                      progress=False)
+    assert clf.predict(["good film"])[0] in ("neg", "pos")
+    with pytest.raises(UserError, match="--model and --init scratch exclude each other"):
+        textune.pretrain(corpus, tmp_path / "x", model=str(tmp_path / "pt"), init="scratch")
+    with pytest.raises(UserError, match="strategy=: not a pretrain option"):
+        textune.pretrain(corpus, tmp_path / "x", strategy="lora")

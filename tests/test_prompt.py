@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from textune.cli import main
-from textune.prompt import PromptScorer, build_parts, calibrate, draw_demos, parse_verbalizers
+from textune.prompting import PromptScorer, build_parts, calibrate, draw_demos, parse_verbalizers
 
 from .conftest import NEG, POS
 
@@ -139,7 +139,7 @@ def test_prompt_probabilities_get_a_temperature_fitted_on_validation_rows(lm_fol
     import numpy as np
 
     from textune.metrics import calibration_error, fit_temperature, softmax
-    from textune.prompt import PromptClassifier
+    from textune.prompting import PromptClassifier
 
     folder = lm_folder
     args = ["prompt", "--model", str(folder), "--data", str(toy_csv), "--limit", "60",
@@ -196,3 +196,21 @@ def test_compare_runs_prompt_beside_training(lm_folder, tmp_path):
     assert prompt["n_eval"] == full["n_eval"] == 60  # the same test rows (--test-fraction too)
     assert all("accuracy_vs_best" in r for r in got)  # so they are compared row by row
     assert prompt["trainable_params"] == 0 and "| prompt |" in (out / "compare.md").read_text()
+
+
+def test_prompt_from_python(lm_folder, toy_csv, tmp_path):
+    """textune.prompt: a DataFrame in, the run folder written, the run back as a predictor
+    whose metrics are the folder's."""
+    import pandas as pd
+
+    import textune
+    from textune.errors import UserError
+
+    clf = textune.prompt(pd.read_csv(toy_csv), tmp_path / "p", model=str(lm_folder), limit=40,
+                         labels="bad,good", shots=1, progress=False)
+    m = json.loads((tmp_path / "p" / "metrics.json").read_text())
+    assert clf.metrics["accuracy"] == m["accuracy"] and m["n_eval"] == 40
+    assert len(m["demonstrations"]) == 2 and clf.labels == ["neg", "pos"]
+    assert clf.predict(["good film"])[0] in ("neg", "pos")
+    with pytest.raises(UserError, match="epochs=: not a prompt option"):
+        textune.prompt(toy_csv, tmp_path / "q", model=str(lm_folder), epochs=3)

@@ -28,6 +28,14 @@ def __getattr__(name):  # lazy: `import textune` stays fast, the CLI's --help to
         from .learncurve import curve
 
         return curve
+    if name == "prompt":
+        from .prompting import prompt
+
+        return prompt
+    if name == "pretrain":
+        from .pretraining import pretrain
+
+        return pretrain
     if name == "RunConfig":
         from .config import RunConfig
 
@@ -35,5 +43,5 @@ def __getattr__(name):  # lazy: `import textune` stays fast, the CLI's --help to
     raise AttributeError(name)
 
 
-__all__ = ["fit", "tune", "compare", "cv", "curve", "train", "evaluate_run", "load",
-           "Classifier", "RunConfig", "__version__"]
+__all__ = ["fit", "tune", "compare", "cv", "curve", "prompt", "pretrain", "train",
+           "evaluate_run", "load", "Classifier", "RunConfig", "__version__"]

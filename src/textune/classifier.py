@@ -379,7 +379,7 @@ def load(run_dir: str | Path, device: str | None = None, merge: bool = True) -> 
         raise UserError(f"{run}: not a textune run folder (no config.json / labels.json); pass "
                         f"the --out folder of a finished `textune train` or `textune prompt`")
     if is_prompt_run(run):
-        from .prompt import PromptClassifier
+        from .prompting import PromptClassifier
 
         if not (run / "metrics.json").exists():
             raise UserError(f"{run}: the prompt run has no metrics.json (did it finish?); run "

@@ -467,7 +467,7 @@ def cmd_cv(a) -> int:
 def cmd_prompt(a) -> int:
     from dataclasses import fields
 
-    from .prompt import PromptArgs, run_prompt
+    from .prompting import PromptArgs, run_prompt
 
     kw = {f.name: getattr(a, f.name) for f in fields(PromptArgs) if hasattr(a, f.name)}
     kw["kv_cache"] = not a.no_kv_cache
@@ -483,7 +483,7 @@ def cmd_prompt(a) -> int:
 def cmd_pretrain(a) -> int:
     from dataclasses import fields
 
-    from .pretrain import PretrainArgs, pretrain
+    from .pretraining import PretrainArgs, pretrain_args, run_pretrain
 
     if (code := launch_processes(a)) is not None:
         return code
@@ -499,17 +499,9 @@ def cmd_pretrain(a) -> int:
             saved["max_steps"] = a.max_steps
         pa = PretrainArgs(**saved)
     else:
-        kw = {f.name: getattr(a, f.name) for f in fields(PretrainArgs) if hasattr(a, f.name)}
-        if a.model and a.init == "scratch":
-            raise UserError("--model and --init scratch exclude each other: continue a model, "
-                            "or build one from scratch")
-        kw["init"] = a.init or ("pretrained" if a.model else "scratch")
-        if not a.corpus:
-            raise UserError("--corpus is required: a text file, a folder, or peoples-daily")
-        if not a.out:
-            raise UserError("--out DIR is required: the folder the encoder is written to")
-        pa = PretrainArgs(**kw)
-    m = pretrain(pa, progress=not a.quiet and not rank, resume=bool(a.resume),
+        pa = pretrain_args(**{f.name: getattr(a, f.name) for f in fields(PretrainArgs)
+                              if hasattr(a, f.name)})
+    m = run_pretrain(pa, progress=not a.quiet and not rank, resume=bool(a.resume),
                  overwrite=a.overwrite and not rank)
     if rank:
         return 0  # the main process reports

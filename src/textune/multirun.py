@@ -130,7 +130,7 @@ def _row(name: str, runs: list[dict], several: bool) -> dict:
 
 
 # imported once by the fork server; each run's process starts from it with them loaded
-PRELOAD = ["textune.api", "textune.prompt", "transformers.modeling_utils", "peft"]
+PRELOAD = ["textune.api", "textune.prompting", "transformers.modeling_utils", "peft"]
 
 
 def _context():
@@ -247,7 +247,7 @@ def _worker(cfg_dict: dict, progress: bool, q, environ: dict, cwd: str) -> None:
 
 def _prompt(cfg: RunConfig, progress: bool) -> dict:
     """The prompting baseline on the same data, splits (seed) and test rows as the others."""
-    from .prompt import PromptArgs, run_prompt
+    from .prompting import PromptArgs, run_prompt
 
     d = cfg.data
     return run_prompt(PromptArgs(model=cfg.model.model, data=d.data, val=d.val, test=d.test,

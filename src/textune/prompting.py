@@ -460,6 +460,24 @@ def load_causal_lm(spec: str, device: torch.device):
     return model, load_tokenizer(src), src
 
 
+def prompt(data, out, *, overwrite: bool = False, progress: bool = True, **options):
+    """``textune prompt`` from Python: classify ``data``'s test rows (a file, a catalog name or
+    a pandas DataFrame; ``val=``, ``test=`` alike) by prompting a causal LM, no training;
+    ``options`` are the command's flags with underscores (``model="smollm2-135m"``,
+    ``shots=4``, ``labels="negative,positive"``, ``limit=500``...). Writes the run folder
+    ``out`` and returns it reloaded (``PromptClassifier``: ``.metrics``, ``.predict``...), as
+    ``textune.load`` would."""
+    from .config import frames_as_files
+
+    known = {f.name for f in fields(PromptArgs)} - {"out"}
+    bad = sorted(set(options) - known)
+    if bad:
+        raise UserError(f"{bad[0]}=: not a prompt option; options: {', '.join(sorted(known))}")
+    run_prompt(PromptArgs(out=str(out), **frames_as_files({"data": data, **options})),
+               progress=progress, overwrite=overwrite)
+    return PromptClassifier(out)
+
+
 def run_prompt(a: PromptArgs, *, progress: bool = True, overwrite: bool = False) -> dict:
     """Score ``a.data``'s evaluation rows by prompting ``a.model``; write the run folder."""
     with trust_remote_code(a.trust_remote_code):

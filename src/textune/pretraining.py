@@ -645,8 +645,41 @@ def encoder_of(model: nn.Module) -> nn.Module:
 # the job
 
 
-def pretrain(a: PretrainArgs, *, progress: bool = True, resume: bool = False,
-             overwrite: bool = False) -> dict:
+def pretrain_args(**kw) -> PretrainArgs:
+    """The command's flags (underscores for dashes) -> PretrainArgs, with the checks that
+    involve several of them; ``init`` defaults to ``pretrained`` with a model, else
+    ``scratch``."""
+    from dataclasses import fields
+
+    known = {f.name for f in fields(PretrainArgs)}
+    bad = sorted(set(kw) - known)
+    if bad:
+        raise UserError(f"{bad[0]}=: not a pretrain option; options: {', '.join(sorted(known))}")
+    if kw.get("model") and kw.get("init") == "scratch":
+        raise UserError("--model and --init scratch exclude each other: continue a model, "
+                        "or build one from scratch")
+    kw["init"] = kw.get("init") or ("pretrained" if kw.get("model") else "scratch")
+    if not kw.get("corpus"):
+        raise UserError("--corpus is required: a text file, a folder, or peoples-daily")
+    if not kw.get("out"):
+        raise UserError("--out DIR is required: the folder the encoder is written to")
+    return PretrainArgs(**kw)
+
+
+def pretrain(corpus, out, *, model: str | None = None, overwrite: bool = False,
+             progress: bool = True, **options) -> dict:
+    """``textune pretrain`` from Python: continue pretraining ``model`` (an encoder) on the raw
+    text ``corpus`` (a file, a folder, a catalog corpus), or without a model build and train a
+    small BERT from scratch; ``options`` are the command's flags with underscores
+    (``objective="mlm+nsp"``, ``max_steps=300``, ``whole_word_masking=True``...). Writes the
+    encoder and tokenizer to ``out`` (``textune.fit(data, ..., model=out)`` fine-tunes it) and
+    returns its metrics (held-out MLM loss before and after)."""
+    return run_pretrain(pretrain_args(corpus=str(corpus), out=str(out), model=model,
+                                      **options), progress=progress, overwrite=overwrite)
+
+
+def run_pretrain(a: PretrainArgs, *, progress: bool = True, resume: bool = False,
+                 overwrite: bool = False) -> dict:
     """Continue pretraining (or pretrain from scratch) on ``a.corpus``; write ``a.out``."""
     with trust_remote_code(a.trust_remote_code):
         return _pretrain(a, progress=progress, resume=resume, overwrite=overwrite)
