@@ -140,6 +140,19 @@ def test_split_is_stratified_and_keeps_duplicates_together():
         assert abs(ys.count("pos") - ys.count("neg")) <= 1
 
 
+def test_one_text_with_two_labels_is_named(tmp_path, caplog):
+    rows = [(f"{t} n{i}", y) for i, (t, y) in enumerate(toy_rows(60))]
+    rows += [("the very same text", "pos"), ("the very same text", "pos"), ("twice", "neg")]
+    path = write_csv(tmp_path / "d.csv", [*rows, ("the very same text", "neg"), ("twice", "pos")])
+    caplog.set_level("WARNING", logger="textune")
+    split_indices(read_table(path), 0.1, 0.1, seed=0)
+    assert "d.csv: 2 texts have different labels in different rows (first: line 62, 'the very " \
+           "same text': neg / pos)" in caplog.text
+    caplog.clear()
+    split_indices(read_table(write_csv(tmp_path / "ok.csv", rows)), 0.1, 0.1, seed=0)
+    assert "repeat an earlier text" in caplog.text and "different labels" not in caplog.text
+
+
 def test_split_errors_name_the_class():
     t = Table(["a", "b", "c", "d", "e"], ["x", "x", "x", "x", "y"], None, "f.csv")
     with pytest.raises(UserError, match=r"class 'y' has only 1"):

@@ -610,6 +610,24 @@ def drop_rare_classes(table: Table, under: int) -> tuple[Table, dict[str, int]]:
     return table.subset(keep), rows
 
 
+def warn_conflicts(table: Table, groups: dict) -> None:
+    """Say so when one text has different labels in different rows: no model can get them all
+    right, and it is often a labelling mistake worth fixing in the file."""
+    def label(i):
+        y = table.labels[i]
+        return y if isinstance(y, str) else "+".join(sorted(y))
+
+    conflicts = [g for g in groups.values() if len(g) > 1 and len({label(i) for i in g}) > 1]
+    if not conflicts:
+        return
+    g = conflicts[0]
+    where = f"row {g[0]}" if table.rows is None else _where(Path(table.source), table.rows[g[0]])
+    log.warning("%s: %d texts have different labels in different rows (first: %s, %r: %s); no "
+                "model can get them all right: fix the file, or let `textune cv` list the likely "
+                "wrong labels (label_issues.csv)", table.source, len(conflicts), where,
+                table.texts[g[0]][:60], " / ".join(sorted({label(i) for i in g})))
+
+
 def split_indices(table: Table, val_fraction: float, test_fraction: float, seed: int,
                   need: tuple[bool, bool] = (True, True), fold: tuple[int, int] | None = None
                   ) -> tuple[list[int], list[int], list[int]]:
@@ -627,6 +645,7 @@ def split_indices(table: Table, val_fraction: float, test_fraction: float, seed:
     if n_dup:
         log.warning("%s: %d rows repeat an earlier text; each text is kept within one split",
                     table.source, n_dup)
+        warn_conflicts(table, groups)
     reps = [g[0] for g in groups.values()]
     multi = table.multi_label
     glabels = strata([table.labels[i] for i in reps])
