@@ -75,6 +75,56 @@ def test_attention_matches_sdpa_without_dropout_and_applies_its_mask_with_it():
     assert torch.allclose(cpu.attention(layer, q, k, v, mask, dropout=0.0)[0], ref, atol=1e-6)
 
 
+class _Decoder(torch.nn.Module):
+    is_causal = True
+    num_key_value_groups = 3
+
+
+def test_attention_in_bf16_training_is_the_math_and_matches_sdpa(monkeypatch):
+    """CPU training under bf16 autocast, no dropout (a LLaMA layer: causal, grouped key/value
+    heads): the math path (SDPA's flash backward is several times slower there), with the
+    numbers SDPA gives, forward and backward; fp32, eval, long sequences and a cache keep SDPA."""
+    import transformers.integrations.sdpa_attention as sa
+
+    torch.manual_seed(0)
+    b, t, d = 4, 12, 16
+    q = torch.randn(b, 6, t, d, requires_grad=True)
+    k, v = (torch.randn(b, 2, t, d, requires_grad=True) for _ in range(2))
+    lengths = torch.tensor([t, 9, 5, 1])
+    pad = torch.arange(t)[None, :] < lengths[:, None]
+    mask = torch.ones(t, t, dtype=torch.bool).tril()[None, None] & pad[:, None, None, :]
+    layer = _Decoder().train()
+
+    def sdpa(m):
+        kk, vv = (x.repeat_interleave(3, dim=1) for x in (k, v))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return F.scaled_dot_product_attention(q, kk, vv, attn_mask=m,
+                                                  is_causal=m is None).transpose(1, 2)
+
+    calls = []
+    real = sa.sdpa_attention_forward
+    monkeypatch.setattr(sa, "sdpa_attention_forward", lambda *a, **kw: calls.append(1) or
+                        real(*a, **kw))
+    for m in (mask, None):  # (no mask: causal from the layer's flag, as SDPA does)
+        ref = sdpa(m)
+        grads_ref = torch.autograd.grad(ref.float().square().sum(), (q, k, v))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = cpu.attention(layer, q, k, v, m)
+        assert not calls and out.dtype == torch.bfloat16
+        assert torch.allclose(out.float(), ref.float(), atol=0.03), m is None
+        grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+        for g, g_ref in zip(grads, grads_ref):
+            assert torch.allclose(g, g_ref, atol=0.1, rtol=0.05), m is None
+    for how in ("fp32", "eval", "long", "cache"):
+        layer.train(how != "eval")
+        qq, kk, vv = (x[:, :, :1].expand(-1, -1, cpu.MATH_BF16_MAX_LENGTH + 1, -1)
+                      for x in (q, k, v)) if how == "long" else (q, k, v)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=how != "fp32"):
+            cpu.attention(layer, qq, kk, vv, None, cache=object() if how == "cache" else None)
+        assert len(calls) == 1, how
+        calls.clear()
+
+
 def _tiny_bert(attn_dropout=0.1):
     from transformers import BertConfig, BertModel
 
@@ -123,7 +173,8 @@ def test_fast_training_is_off_elsewhere(monkeypatch):
 
     model = _tiny_bert(attn_dropout=0.0)
     cpu.fast_training(model, torch.device("cpu"))
-    assert model.config._attn_implementation == "sdpa"  # no attention dropout: plain SDPA
+    # no attention dropout: attention() still decides call by call (bf16: the math; else SDPA)
+    assert model.config._attn_implementation == cpu.ATTENTION
     assert all(type(m) is cpu.Dropout for m in model.modules() if isinstance(m, nn.Dropout))
     for off in (dict(device=torch.device("meta")), dict(env="0")):
         model = _tiny_bert()
