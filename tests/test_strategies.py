@@ -544,6 +544,11 @@ def test_fit_takes_a_dataframe(tiny_bert, toy_csv, tmp_path):
     assert "frames" in kept and kept.endswith(".jsonl")
     assert evaluate_run(tmp_path / "frame", kept, progress=False)["accuracy"] == \
         from_frame.metrics["accuracy"]
+    # the DataFrame itself: the run's own data, so its test split only; another frame in full
+    assert evaluate_run(tmp_path / "frame", df.set_index(df.index + 100),
+                        progress=False)["accuracy"] == from_frame.metrics["accuracy"]
+    other = evaluate_run(tmp_path / "frame", df.head(50), progress=False)
+    assert other["n_eval"] == 50 and other["split"].startswith("all rows of ")
     tags = pd.DataFrame({"text": df.text, "label": [[y] + (["x"] if i % 3 == 0 else [])
                                                    for i, y in enumerate(df.label)]})
     multi = textune.fit(tags, tmp_path / "tags", multi_label=True, **kw)

@@ -763,7 +763,7 @@ def _backbone_features(model, data: Encoded, cfg: RunConfig, device, amp, progre
     return feats
 
 
-def evaluate_run(run: str | Path, data: str, out: str | Path | None = None, *,
+def evaluate_run(run: str | Path, data, out: str | Path | None = None, *,
                  split: str = "auto", text_col=None, label_col=None, pair_col=None,
                  truncation: str | None = None, max_windows: int | None = None,
                  progress: bool = True) -> dict:
@@ -773,8 +773,12 @@ def evaluate_run(run: str | Path, data: str, out: str | Path | None = None, *,
     (recomputed from the saved seed and fractions) is scored, so training rows never inflate
     the result; any other data is scored in full. ``'test'``, ``'val'``, ``'all'`` force it.
     ``truncation`` / ``max_windows``: read long texts another way than the run was trained
-    (``Predictor.read_as``).
+    (``Predictor.read_as``). ``data``: a file, a catalog name or a pandas DataFrame (the one a
+    run was fitted on counts as its own data).
     """
+    from .config import frames_as_files
+
+    data = frames_as_files({"data": data})["data"]
     if split not in ("auto", "test", "val", "all"):
         raise UserError(f"--split {split}: choose auto, test, val or all")
     if out and Path(out).exists() and any(Path(out).iterdir()):
