@@ -74,11 +74,13 @@ class Dropout(nn.Dropout):
         return super().forward(x)
 
 
-MATH_BF16_MAX_LENGTH = 512
+MATH_BF16_MAX_LENGTH = 128
 """CPU training in bf16: up to this many tokens, :func:`attention` runs the math itself. On a
-2-core AMX CPU (torch 2.13) SDPA's flash kernel takes 26 ms for the backward of [32, 9, 40, 64]
-heads in bf16, the math 3 ms; at 128 tokens 62 against 18 ms; at 512 (4 rows) 26 against 13;
-at 1,024 it is ahead (39 against 56), and it holds no [T, T] probabilities."""
+2-core AMX CPU (torch 2.13), forward and backward under bf16 autocast of fp32 queries (as
+rotary embeddings leave them): [32, 12, 32, 32] heads SDPA 18 ms, the math 3; [32, 12, 128, 32]
+78 against 37; [32, 9, 128, 64] 64 against 37; but [16, 12, 256, 32] 56 against 101 and
+[8, 12, 512, 32] 74 against 238: past ~128 tokens SDPA's flash kernel is ahead, and it holds no
+[T, T] probabilities."""
 
 
 def _bf16(x: torch.Tensor) -> bool:
