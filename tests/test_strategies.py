@@ -582,6 +582,8 @@ def test_whole_number_labels_come_back_as_ints(tiny_bert, toy_csv, tmp_path, cap
     # labels that are not all whole numbers stay text: '01' is not pandas' int 1
     clf.names = ["01", "1"]
     assert clf.labels == ["01", "1"] and isinstance(clf.predict(["x"])[0], str)
+    clf.names = ["False", "True"]  # (a bool column)
+    assert clf.labels == [False, True] and isinstance(clf.predict(["x"])[0], bool)
     # the CLI writes the names as before
     (tmp_path / "in.txt").write_text("good film\n")
     assert main(["predict", str(tmp_path / "ints"), "--input", str(tmp_path / "in.txt"),

@@ -97,15 +97,21 @@ class Predictor:
     @property
     def labels(self) -> list:
         """The labels, in ``predict_proba``'s column order, of the type ``predict`` returns:
-        ints where every label is a whole number (a 0/1 column of a DataFrame or a CSV, which
-        pandas reads as ints: ``clf.predict(df.text) == df.label`` compares like with like),
-        else strings."""
+        ints where every label is a whole number, bools where they are True/False (as pandas
+        reads such a column of a CSV, or a DataFrame holds it: ``clf.predict(df.text) ==
+        df.label`` compares like with like), else strings."""
         return self._typed(self.names)
 
     def _typed(self, values: list) -> list:
-        if self.names and all(_whole_number(n) for n in self.names):
-            return [int(v) if isinstance(v, str) else [int(t) for t in v] for v in values]
-        return list(values)
+        if not self.names:
+            return list(values)
+        if all(_whole_number(n) for n in self.names):
+            cast = int
+        elif set(self.names) <= {"True", "False"}:
+            cast = "True".__eq__
+        else:
+            return list(values)
+        return [cast(v) if isinstance(v, str) else [cast(t) for t in v] for v in values]
 
     multi_label: bool = False
     thresholds: np.ndarray | None = None
