@@ -2,46 +2,21 @@
 
 __version__ = "0.1.0"
 
-
-def __getattr__(name):  # lazy: `import textune` stays fast, the CLI's --help too
-    if name in ("fit", "train", "evaluate_run"):
-        from . import api
-
-        return getattr(api, name)
-    if name in ("load", "Classifier"):
-        from . import classifier
-
-        return getattr(classifier, name)
-    if name == "tune":
-        from .tuning import tune
-
-        return tune
-    if name == "compare":
-        from .multirun import compare
-
-        return compare
-    if name == "cv":
-        from .crossval import cv
-
-        return cv
-    if name == "curve":
-        from .learncurve import curve
-
-        return curve
-    if name == "prompt":
-        from .prompting import prompt
-
-        return prompt
-    if name == "pretrain":
-        from .pretraining import pretrain
-
-        return pretrain
-    if name == "RunConfig":
-        from .config import RunConfig
-
-        return RunConfig
-    raise AttributeError(name)
+_API = {"fit": "api", "train": "api", "evaluate_run": "api", "load": "classifier",
+        "Classifier": "classifier", "tune": "tuning", "compare": "multirun", "cv": "crossval",
+        "curve": "learncurve", "prompt": "prompting", "pretrain": "pretraining",
+        "RunConfig": "config"}
+"""Each API name and the module that defines it (imported on first use: `import textune`
+stays fast, the CLI's --help too). No module may share an API name: once imported, a
+submodule is bound on the package and would hide the function."""
 
 
-__all__ = ["fit", "tune", "compare", "cv", "curve", "prompt", "pretrain", "train",
-           "evaluate_run", "load", "Classifier", "RunConfig", "__version__"]
+def __getattr__(name):
+    if name not in _API:
+        raise AttributeError(name)
+    import importlib
+
+    return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+
+
+__all__ = [*_API, "__version__"]
