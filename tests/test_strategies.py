@@ -574,6 +574,9 @@ def test_whole_number_labels_come_back_as_ints(tiny_bert, toy_csv, tmp_path, cap
     got = clf.predict(df.text[:200])
     assert {type(y) for y in got} == {int}
     assert np.mean(np.array(got) == df.label[:200].to_numpy()) > 0.8  # (was 0: '1' != 1)
+    m = clf.evaluate(df.head(200))  # (a labelled DataFrame: its metrics)
+    assert m["n_eval"] == 200 and m["accuracy"] == np.mean(np.array(got) == df.label[:200])
+    assert clf.evaluate(df.head(200).rename(columns={"label": "y"}), label_col="y") == m
     frame = clf.predict_frame(df[["text"]].head(5))
     assert list(frame.columns) == ["text", "label", "p_0", "p_1"]
     assert frame["label"].tolist() == got[:5]

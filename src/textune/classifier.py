@@ -252,8 +252,20 @@ class Predictor:
         y = encode_labels(table.labels, self.names, table.source)
         return y, self.logits(table.texts, table.pairs, batch_size, progress) / self.temperature
 
-    def evaluate(self, table: Table, batch_size: int | None = None,
-                 progress: bool = False) -> dict:
+    def evaluate(self, table, batch_size: int | None = None, progress: bool = False, *,
+                 text_col: str | None = None, label_col: str | None = None) -> dict:
+        """Metrics (accuracy, macro-F1, per class, confusion matrix) on labelled rows: a
+        :class:`Table`, or a pandas DataFrame whose text and label columns are found as in
+        training (or named by ``text_col`` / ``label_col``)."""
+        if not isinstance(table, Table):
+            from .config import frames_as_files
+            from .data import read_table
+
+            d = self.config.data
+            table = read_table(frames_as_files({"data": table})["data"],
+                               text_col=text_col or d.text_col, label_col=label_col or d.label_col,
+                               pair_col=d.text_pair_col, multi_label=d.multi_label,
+                               label_sep=d.label_sep)
         y, logits = self.scores(table, batch_size, progress)
         return classification_metrics(y, logits, self.names, uncertainty=True,
                                       thresholds=self.thresholds)
