@@ -214,3 +214,18 @@ def test_prompt_from_python(lm_folder, toy_csv, tmp_path):
     assert clf.predict(["good film"])[0] in ("neg", "pos")
     with pytest.raises(UserError, match="epochs=: not a prompt option"):
         textune.prompt(toy_csv, tmp_path / "q", model=str(lm_folder), epochs=3)
+
+
+def test_compare_prompt_baseline_keeps_trust_remote_code(monkeypatch):
+    """compare's prompt baseline is run_prompt on the run's config: the model's
+    --trust-remote-code must reach it as it reaches the trained strategies."""
+    from textune import prompting
+    from textune.config import RunConfig
+    from textune.multirun import _prompt
+
+    got = []
+    monkeypatch.setattr(prompting, "run_prompt", lambda a, progress: got.append(a) or {})
+    cfg = RunConfig.from_options(data="x.csv", out="o", model="m", strategy="prompt",
+                                 trust_remote_code=True)
+    _prompt(cfg, False)
+    assert got[0].trust_remote_code and got[0].model == "m"

@@ -250,7 +250,9 @@ def _prompt(cfg: RunConfig, progress: bool) -> dict:
     from .prompting import PromptArgs, run_prompt
 
     d = cfg.data
-    return run_prompt(PromptArgs(model=cfg.model.model, data=d.data, val=d.val, test=d.test,
+    return run_prompt(PromptArgs(model=cfg.model.model,
+                                 trust_remote_code=cfg.model.trust_remote_code,
+                                 data=d.data, val=d.val, test=d.test,
                                  text_col=d.text_col, label_col=d.label_col,
                                  shots=PROMPTS[cfg.strategy.name], seed=cfg.train.seed,
                                  split_seed=d.split_seed, val_fraction=d.val_fraction,
