@@ -84,6 +84,13 @@ def parse_grid(specs: list[str], parser: argparse.ArgumentParser) -> list[tuple[
 def default_lr_grid(base: RunConfig) -> list[tuple[str, str, list]]:
     """The learning rate at 1/3, 1 and 3 times ``--lr``, or the strategy's default (its decoder
     default for a causal LM): the hyperparameter that matters most, and that defaults miss most."""
+    from .modeling import trust_remote_code
+
+    with trust_remote_code(base.model.trust_remote_code):  # (the model's config, tokenizer)
+        return _default_lr_grid(base)
+
+
+def _default_lr_grid(base: RunConfig) -> list[tuple[str, str, list]]:
     from .strategies import get_strategy
 
     strategy = get_strategy(base.strategy.name)
@@ -91,12 +98,10 @@ def default_lr_grid(base: RunConfig) -> list[tuple[str, str, list]]:
     if strategy.default_lr_decoder and not base.train.lr:
         from transformers import AutoConfig
 
-        from .modeling import is_decoder, remote_code, resolve_model, trust_remote_code
+        from .modeling import is_decoder, remote_code, resolve_model
 
-        with trust_remote_code(base.model.trust_remote_code):
-            decoder = is_decoder(AutoConfig.from_pretrained(resolve_model(base.model.model),
-                                                            **remote_code()))
-        if decoder:
+        if is_decoder(AutoConfig.from_pretrained(resolve_model(base.model.model),
+                                                 **remote_code())):
             default = strategy.default_lr_decoder
     if base.train.batch_tokens and not base.train.lr:
         default = _batch_tokens_default(base, default)
@@ -113,18 +118,16 @@ def _batch_tokens_default(base: RunConfig, default: float) -> float:
 
     from .api import batch_tokens_lr, load_splits
     from .data import choose_max_length, model_max_length, text_lengths
-    from .modeling import load_tokenizer, remote_code, resolve_model, trust_remote_code
+    from .modeling import load_tokenizer, remote_code, resolve_model
 
     src = resolve_model(base.model.model)
-    with trust_remote_code(base.model.trust_remote_code):
-        tokenizer = load_tokenizer(src)
-        mcfg = AutoConfig.from_pretrained(src, **remote_code())
+    tokenizer = load_tokenizer(src)
     cfg = copy.deepcopy(base)
     if cfg.data.split_seed is None:
         cfg.data.split_seed = cfg.split_seed
     train = load_splits(cfg).train
     lengths = text_lengths(tokenizer, train, seed=cfg.split_seed)
-    cap = model_max_length(tokenizer, mcfg)
+    cap = model_max_length(tokenizer, AutoConfig.from_pretrained(src, **remote_code()))
     width = cfg.data.max_length or choose_max_length(lengths, cap)
     lr, rows = batch_tokens_lr(default, np.minimum(lengths, width), cfg.train)
     log.info("--batch-tokens %d: ~%.0f rows per step, so train's default learning rate is "
