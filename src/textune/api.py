@@ -795,10 +795,7 @@ def evaluate_run(run: str | Path, data, out: str | Path | None = None, *,
         table = getattr(load_splits(cfg), part)
         split_name = f"{part} split of {data} (as in training)"
     else:
-        table = read_table(resolve_data(data), text_col=text_col or cfg.data.text_col,
-                           label_col=label_col or cfg.data.label_col,
-                           pair_col=pair_col or cfg.data.text_pair_col,
-                           multi_label=cfg.data.multi_label, label_sep=cfg.data.label_sep)
+        table = clf.read_labelled(resolve_data(data), text_col, label_col, pair_col)
         split_name = f"all rows of {data}"
     t = time.perf_counter()
     y, logits = clf.scores(table, progress=progress)

@@ -242,6 +242,18 @@ class Predictor:
         ``labels``)."""
         return self._typed(self.decide(self.predict_proba(texts, pairs, batch_size)))
 
+    def read_labelled(self, path, text_col: str | None = None, label_col: str | None = None,
+                      pair_col: str | None = None) -> Table:
+        """A labelled file read as the run's training data was: its columns (unless named),
+        multi-label and tag separator."""
+        from .data import read_table
+
+        d = self.config.data
+        return read_table(path, text_col=text_col or d.text_col,
+                          label_col=label_col or d.label_col,
+                          pair_col=pair_col or d.text_pair_col, multi_label=d.multi_label,
+                          label_sep=d.label_sep)
+
     def scores(self, table: Table, batch_size: int | None = None,
                progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """A labelled table's labels as indices into ``self.labels`` (multi-label: 0/1 rows),
@@ -259,13 +271,9 @@ class Predictor:
         training (or named by ``text_col`` / ``label_col``)."""
         if not isinstance(table, Table):
             from .config import frames_as_files
-            from .data import read_table
 
-            d = self.config.data
-            table = read_table(frames_as_files({"data": table})["data"],
-                               text_col=text_col or d.text_col, label_col=label_col or d.label_col,
-                               pair_col=d.text_pair_col, multi_label=d.multi_label,
-                               label_sep=d.label_sep)
+            table = self.read_labelled(frames_as_files({"data": table})["data"], text_col,
+                                       label_col)
         y, logits = self.scores(table, batch_size, progress)
         return classification_metrics(y, logits, self.names, uncertainty=True,
                                       thresholds=self.thresholds)
