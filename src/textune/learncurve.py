@@ -88,10 +88,10 @@ def check_curve(base: RunConfig) -> None:
 def run_curve(base: RunConfig, sizes: str | None, out: Path, *, progress: bool = True,
               processes: int = 1) -> list[dict]:
     """Train ``base`` once per training size on fixed splits; writes curve.md / .json / .png
-    after each run. One row per size."""
+    after each run. One row per size. (Its callers ran :func:`check_curve` before making
+    ``out``.)"""
     from .api import load_splits
 
-    check_curve(base)
     if base.data.split_seed is None:
         base.data.split_seed = base.split_seed  # (every size: the same validation and test)
     probe = copy.deepcopy(base)

@@ -79,8 +79,8 @@ def run_compare(base: RunConfig, strategies: list[str], out: Path, *,
                 processes: int = 1) -> list[dict]:
     """Train every strategy (once per seed in ``seeds``; default: the config's seed) on the
     same splits; writes compare.md / .json / .png after each run. One row per strategy.
-    ``processes``: each training run data-parallel in that many processes."""
-    check_strategies(base, strategies)
+    ``processes``: each training run data-parallel in that many processes. (Its callers ran
+    :func:`check_strategies` before making ``out``.)"""
     seeds = list(dict.fromkeys(seeds or [base.train.seed]))
     if len(seeds) > 1 and base.data.split_seed is None:
         base.data.split_seed = seeds[0]  # every seed trains and tests on the same rows
