@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -255,3 +256,40 @@ def test_a_tied_table_keeps_nn_embedding():
     model = _Bag(tied=True)
     fast = cpu.fast_training(model, torch.device("cpu"))
     assert type(model.emb) is torch.nn.Embedding and not fast.tables
+
+
+class _Tied(torch.nn.Module):
+    """A linear layer of its own and an output layer tied to an embedding table."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(10, 16)
+        self.proj = torch.nn.Linear(16, 16)
+        self.out = torch.nn.Linear(16, 10, bias=False)
+        self.out.weight = self.emb.weight
+        self.seen: list[torch.dtype] = []
+        self.proj.register_forward_pre_hook(lambda m, a: self.seen.append(m.weight.dtype))
+
+    def forward(self, features):
+        return self.out(torch.relu(self.proj(features)) + self.emb.weight[:1])
+
+
+def test_inference_casts_linear_weights_once_with_the_same_numbers(monkeypatch):
+    from textune.loop import FeatureData, predict_logits
+
+    model = _Tied()
+    data = FeatureData(torch.randn(37, 16), None)
+    weights = {n: p.data_ptr() for n, p in model.named_parameters()}
+    got = predict_logits(model, data, 8, torch.device("cpu"), torch.bfloat16)
+    assert set(model.seen) == {torch.bfloat16}  # cast before the batches, not by autocast in each
+    # afterwards: the very same fp32 tensors, the tied table never cast
+    assert all(p.data_ptr() == weights[n] and p.dtype == torch.float32
+               for n, p in model.named_parameters())
+    monkeypatch.setenv("TEXTUNE_CPU_FASTPATH", "0")  # off: autocast casts each call
+    model.seen.clear()
+    ref = predict_logits(model, data, 8, torch.device("cpu"), torch.bfloat16)
+    assert set(model.seen) == {torch.float32}
+    assert np.array_equal(got, ref)
+    with cpu.autocast_weights(model, torch.device("cpu"), None):  # fp32 runs: nothing changes
+        assert model.proj.weight.dtype == torch.float32

@@ -77,6 +77,26 @@ def test_kv_cache_path_equals_plain_path(tiny_lm):
         np.testing.assert_allclose(fast, plain, atol=1e-4)
 
 
+def test_bf16_scores_cast_the_weights_once_with_the_same_numbers(tiny_lm, monkeypatch):
+    model, tok = tiny_lm
+    parts = build_parts(tok, ["the film was great", "awful", "nice story"], ["good", "bad"],
+                        [("lovely plot", "good")], template="{text} was", instruction="")
+    proj = model.model.layers[0].mlp.down_proj
+    seen = []
+    hook = proj.register_forward_pre_hook(lambda m, a: seen.append(m.weight.dtype))
+    try:
+        got = PromptScorer(model, tok, torch.device("cpu"), torch.bfloat16).score(parts, 2)
+        assert set(seen) == {torch.bfloat16}  # cast once, before the batches
+        monkeypatch.setenv("TEXTUNE_CPU_FASTPATH", "0")
+        seen.clear()
+        ref = PromptScorer(model, tok, torch.device("cpu"), torch.bfloat16).score(parts, 2)
+        assert set(seen) == {torch.float32}
+    finally:
+        hook.remove()
+    np.testing.assert_array_equal(got, ref)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
 def test_mean_calibration_removes_label_bias():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 200)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__, loop
+from . import __version__, cpu, loop
 from .classifier import CALIBRATION, Classifier, build_model, load
 from .config import RunConfig, launched_rank
 from .data import (
@@ -753,9 +753,10 @@ def _backbone_features(model, data: Encoded, cfg: RunConfig, device, amp, progre
     if amp is not None and all(p.dtype == amp for p in model.backbone.parameters()
                                if p.is_floating_point()):
         amp = None  # bf16 weights already: autocast would only add dispatch time per op
-    parts = [f.float().to(keep) for _, f in
-             inference_outputs(model.features, data, batches, device, amp, progress, "features",
-                               cfg.train.eval_batch_size)]
+    with cpu.autocast_weights(model, device, amp):
+        parts = [f.float().to(keep) for _, f in
+                 inference_outputs(model.features, data, batches, device, amp, progress,
+                                   "features", cfg.train.eval_batch_size)]
     order = torch.as_tensor(np.concatenate(batches), device=keep)
     feats = torch.empty(len(data), model.hidden_size, device=keep)
     feats[order] = torch.cat(parts)

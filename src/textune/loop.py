@@ -275,8 +275,9 @@ def predict_logits(module: nn.Module, data: TrainData, batch_size: int, device: 
     world = torch.distributed.get_world_size() if dist else 1
     if world > 1:  # each process scores its share of the batches; gathered below
         batches = batches[torch.distributed.get_rank()::world]
-    out = [(idx, logits.float()) for idx, logits in
-           inference_outputs(module, data, batches, device, amp, progress, desc, batch_size)]
+    with cpu.autocast_weights(module, device, amp):
+        out = [(idx, logits.float()) for idx, logits in
+               inference_outputs(module, data, batches, device, amp, progress, desc, batch_size)]
     module.train(was_training)
     parts = [(idx, logits.cpu().numpy()) for idx, logits in out]  # one host copy per batch
     if world > 1:

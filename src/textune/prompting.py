@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
+from . import cpu
 from .classifier import Predictor
 from .env import environment
 from .errors import UserError
@@ -147,13 +148,14 @@ class PromptScorer:
         order = np.argsort([-len(e) for e in parts.examples], kind="stable")  # length-sorted
         single = all(len(v) == 1 for v in parts.verbalizers)
         bar = tqdm(total=n, desc="prompt", disable=not progress, unit="text", mininterval=1)
-        for s in range(0, n, batch_size):
-            idx = order[s:s + batch_size].tolist()
-            if kv_cache and single:
-                scores[idx] = self._single_token(parts, idx)
-            else:
-                scores[idx] = self._continuations(parts, idx, kv_cache)
-            bar.update(len(idx))
+        with cpu.autocast_weights(self.model, self.device, self.dtype):
+            for s in range(0, n, batch_size):
+                idx = order[s:s + batch_size].tolist()
+                if kv_cache and single:
+                    scores[idx] = self._single_token(parts, idx)
+                else:
+                    scores[idx] = self._continuations(parts, idx, kv_cache)
+                bar.update(len(idx))
         bar.close()
         if reduce == "mean":
             scores /= np.array([len(v) for v in parts.verbalizers], dtype=np.float64)[None]
