@@ -293,3 +293,37 @@ def test_inference_casts_linear_weights_once_with_the_same_numbers(monkeypatch):
     assert np.array_equal(got, ref)
     with cpu.autocast_weights(model, torch.device("cpu"), None):  # fp32 runs: nothing changes
         assert model.proj.weight.dtype == torch.float32
+
+
+def test_frozen_weights_train_in_bf16_with_the_same_gradients():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_tiny_bert(attn_dropout=0.0),
+                           LoraConfig(r=4, target_modules=["query", "value", "dense"],
+                                      lora_dropout=0.0, init_lora_weights=False)).eval()
+    ids = torch.randint(5, 50, (4, 9))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    frozen = model.base_model.model.encoder.layer[0].attention.self.query.base_layer.weight
+
+    def grads():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(input_ids=ids)
+            loss = out.last_hidden_state.float().square().mean() + out.pooler_output.sum()
+        loss.backward()
+        out = [p.grad.clone() for p in trained]
+        model.zero_grad(set_to_none=True)
+        return loss.item(), out
+
+    ref = grads()
+    fast = cpu.fast_training(model, torch.device("cpu"), amp=torch.bfloat16)
+    lora_layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    assert lora_layers and not any(m.cast_input_dtype_enabled for m in lora_layers)
+    assert all(not p.requires_grad for p in fast.frozen.params) and frozen.dtype == torch.float32
+    with fast.low_weights():
+        assert frozen.dtype == torch.bfloat16
+        got = grads()
+    assert frozen.dtype == torch.float32
+    assert got[0] == ref[0] and all(torch.equal(a, b) for a, b in zip(got[1], ref[1]))
+    fast.restore()
+    assert all(m.cast_input_dtype_enabled for m in lora_layers)
+    assert cpu.fast_training(model, torch.device("cpu")).frozen is None  # fp32: nothing cast

@@ -129,35 +129,47 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0,
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
 
 
-@contextlib.contextmanager
-def autocast_weights(model: nn.Module, device: torch.device, amp: torch.dtype | None):
-    """Inference under CPU autocast with the ``nn.Linear`` weights and biases cast to ``amp``
-    once, instead of by autocast in every batch (which casts a linear layer's weight, bias and
-    input to bf16 on each call). The same numbers: a weight already in bf16 is what autocast
-    would have made of it. A weight another module shares (a tied output layer's embedding
-    table, read outside autocast's cast) is left alone; the fp32 weights are put back on exit.
-    Predicting 2,000 rt-polarity sentences with minilm-l6 on 2 AMX cores: 1.94 -> 1.89 s
-    (median of 3); smollm2-135m, 600 sentences: 5.68 -> 5.14 s."""
-    if device.type != "cpu" or amp is not torch.bfloat16 or not enabled():
-        yield
-        return
-    owners: dict[int, int] = {}
-    for m in model.modules():
-        for p in m.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
-    swapped: list[tuple[nn.Parameter, torch.Tensor]] = []
-    try:
+class LowWeights:
+    """bf16 copies of a model's ``nn.Linear`` weights and biases, swapped in on entry (the
+    parameters' ``.data``) and the fp32 tensors put back on exit. Under CPU autocast a linear
+    layer casts its weight, bias and input to bf16 on every call; a weight already in bf16 is
+    what that cast would have made of it, so the numbers are the same. A weight another module
+    shares (a tied output layer's embedding table, read outside autocast's cast) is left
+    alone. ``frozen_only``: only the parameters that do not train (LoRA's and adapters'
+    backbone: their copies stay valid for the whole run)."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, frozen_only: bool = False):
+        owners: dict[int, int] = {}
         for m in model.modules():
-            if type(m) is not nn.Linear:
-                continue
-            for p in (m.weight, m.bias):
-                if p is not None and p.dtype == torch.float32 and owners[id(p)] == 1:
-                    swapped.append((p, p.data))
-                    p.data = p.data.to(amp)
-        yield
-    finally:
-        for p, data in swapped:
-            p.data = data
+            for p in m.parameters(recurse=False):
+                owners[id(p)] = owners.get(id(p), 0) + 1
+        self.params = [p for m in model.modules() if type(m) is nn.Linear
+                       for p in (m.weight, m.bias)
+                       if p is not None and p.dtype == torch.float32 and owners[id(p)] == 1
+                       and not (frozen_only and p.requires_grad)]
+        self.low = [p.detach().to(dtype) for p in self.params]
+        self.full: list[torch.Tensor] = []
+
+    def __enter__(self) -> LowWeights:
+        self.full = [p.data for p in self.params]
+        for p, low in zip(self.params, self.low):
+            p.data = low
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for p, full in zip(self.params, self.full):
+            p.data = full
+        self.full = []
+
+
+def autocast_weights(model: nn.Module, device: torch.device, amp: torch.dtype | None):
+    """For inference under CPU bf16 autocast: :class:`LowWeights` made once for the call,
+    instead of autocast casting every weight in every batch. Predicting 4,000 rt-polarity
+    sentences with minilm-l6 on 2 AMX cores: 4.02 -> 3.78 s (median of 4, alternating);
+    zero-shot prompt scoring of 600 with smollm2-135m: 14.4 -> 12.9 s."""
+    if device.type != "cpu" or amp is not torch.bfloat16 or not enabled():
+        return contextlib.nullcontext()
+    return LowWeights(model, amp)
 
 
 def _register() -> bool:
@@ -268,10 +280,17 @@ class FastPath:
     puts the model back. Off a CPU (or turned off) it is torch's clip and the plain step."""
 
     def __init__(self, restore: Callable[[], None] | None = None,
-                 tables: list[RowGradient] | None = None):
+                 tables: list[RowGradient] | None = None, frozen: LowWeights | None = None):
         self.on = restore is not None
         self.restore = restore or (lambda: None)
         self.tables = tables or []
+        self.frozen = frozen
+
+    def low_weights(self):
+        """Around a step's forward and backward: the frozen weights in bf16 (their copies made
+        once, not cast by autocast in every step). Both passes: backward reads the weights
+        the forward saved."""
+        return self.frozen or contextlib.nullcontext()
 
     def step(self, optimizer, params: list[nn.Parameter], max_norm: float) -> None:
         """Clip the gradients of ``params`` to a total norm of ``max_norm`` (0: no clipping), as
@@ -317,11 +336,15 @@ class FastPath:
 
 
 def fast_training(model: nn.Module, device: torch.device,
-                  distributed: bool = False) -> FastPath:
+                  distributed: bool = False, amp: torch.dtype | None = None) -> FastPath:
     """Before training ``model`` on a CPU: :class:`Dropout` for its ``nn.Dropout`` modules,
     :func:`attention` for its SDPA attention and :class:`Embedding` for its embedding tables
-    (not under ``distributed``: DDP must see every gradient arrive). Returns the
-    :class:`FastPath` that clips and steps, and puts everything back."""
+    (not under ``distributed``: DDP must see every gradient arrive). Under bf16 autocast
+    (``amp``), the frozen linear weights' bf16 copies for :meth:`FastPath.low_weights`, and
+    PEFT's LoRA layers keep their input in bf16 (PEFT casts it to the fp32 adapter's dtype,
+    which autocast casts straight back): the same numbers; smollm2-135m LoRA on 800
+    rt-polarity sentences, 2 AMX cores, 36.1 -> 32.5 s. Returns the :class:`FastPath` that
+    clips and steps, and puts everything back."""
     if device.type != "cpu" or not enabled():
         return FastPath()
     reuse_freed_memory()
@@ -353,7 +376,17 @@ def fast_training(model: nn.Module, device: torch.device,
                 m._textune_rows = RowGradient(m.weight, m.padding_idx)
                 tables.append(m)
 
+    frozen, uncast = None, []
+    if amp is torch.bfloat16:
+        frozen = LowWeights(model, amp, frozen_only=True)
+        frozen = frozen if frozen.params else None
+        uncast = [m for m in model.modules() if getattr(m, "cast_input_dtype_enabled", False)]
+        for m in uncast:
+            m.cast_input_dtype_enabled = False
+
     def restore() -> None:
+        for m in uncast:
+            m.cast_input_dtype_enabled = True
         for m in swapped:
             m.__class__ = nn.Dropout
         for cfg in configs.values():
@@ -362,4 +395,4 @@ def fast_training(model: nn.Module, device: torch.device,
             m.__class__ = nn.Embedding
             del m._textune_rows
 
-    return FastPath(restore, [m._textune_rows for m in tables])
+    return FastPath(restore, [m._textune_rows for m in tables], frozen)

@@ -371,7 +371,8 @@ def fit(module: nn.Module, train_data: TrainData, val_data: TrainData | None, ar
     safe = (state.epoch, state.batch_in_epoch)
     # (compiled graphs generate their own dropout masks)
     fast = cpu.fast_training(accelerator.unwrap_model(module), accelerator.device,
-                             distributed=world > 1) if not args.compile else cpu.FastPath()
+                             distributed=world > 1, amp=amp_dtype(accelerator)) \
+        if not args.compile else cpu.FastPath()
     try:
         for epoch in range(state.epoch, epochs):
             if done:
@@ -396,12 +397,13 @@ def fit(module: nn.Module, train_data: TrainData, val_data: TrainData | None, ar
                     labels = batch.pop("labels")
                     sync = accelerator.no_sync(module) if not last_in_group and world > 1 \
                         else contextlib.nullcontext()
-                    with sync, accelerator.autocast(), attention():
-                        if module_returns_loss:
-                            loss = step_module(**batch, labels=labels)
-                        else:
-                            loss = loss_of(step_module(**batch), labels)
-                    accelerator.backward(loss / group)
+                    with fast.low_weights():
+                        with sync, accelerator.autocast(), attention():
+                            if module_returns_loss:
+                                loss = step_module(**batch, labels=labels)
+                            else:
+                                loss = loss_of(step_module(**batch), labels)
+                        accelerator.backward(loss / group)
                 running += loss.detach()
                 running_n += 1
                 state.samples += len(batches[i]) * world  # equal shares (+-1 row)
