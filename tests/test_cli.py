@@ -449,6 +449,67 @@ def test_predict_min_confidence_leaves_unsure_rows_unlabelled(capsys, tmp_path, 
         assert code == 2 and "--min-confidence" in one_line_error(err)
 
 
+def test_predict_streams_slices_as_one_table_and_keeps_the_rows_done(capsys, tmp_path, toy_run,
+                                                                      toy_csv, monkeypatch):
+    import io
+
+    import pandas as pd
+
+    from textune import cli
+    from textune.classifier import Classifier
+
+    pool = pd.read_csv(toy_csv).head(23)
+    pool.loc[[4, 5, 6, 17], "text"] = ""  # a slice (rows 3-5 of 3-row slices) without any text
+    pool.insert(0, "id", range(len(pool)))
+    pool.to_csv(tmp_path / "pool.csv", index=False)
+    whole = {}
+    for rows in (10_000, 3):
+        monkeypatch.setattr(cli, "PREDICT_ROWS", rows)
+        for fmt in ("p.csv", "p.jsonl", "p.tsv", "stdout-csv", "stdout-jsonl"):
+            dest = tmp_path / f"{rows}-{fmt}"
+            args = ["--output", str(dest)] if fmt.startswith("p.") else \
+                ["--jsonl"] if fmt.endswith("jsonl") else []
+            code, out, err = run_cli(capsys, "predict", str(toy_run), "--input",
+                                     str(tmp_path / "pool.csv"), "--min-confidence", "0.6",
+                                     *args, "--quiet")
+            assert code == 0, err
+            got = dest.read_text() if fmt.startswith("p.") else out
+            assert whole.setdefault(fmt, got) == got, (rows, fmt)  # byte for byte
+            assert "rows under confidence 0.6" in err
+    table = pd.read_csv(io.StringIO(whole["p.csv"]))
+    assert table["id"].tolist() == list(range(23)) and table["p_pos"].isna().sum() == 4
+    assert pd.read_json(io.StringIO(whole["stdout-jsonl"]), lines=True)["id"].tolist() == \
+        list(range(23))
+    # stopped part way: nothing at --output, the rows done kept beside it, said in one line
+    calls = []
+    real = Classifier.predict_proba
+
+    def dies(self, *args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(Classifier, "predict_proba", dies)
+    dest = tmp_path / "stopped.csv"
+    code, _, err = run_cli(capsys, "predict", str(toy_run), "--input", str(tmp_path / "pool.csv"),
+                           "--output", str(dest), "--quiet")
+    partial = tmp_path / "stopped.partial.csv"
+    assert code == 130 and not dest.exists() and partial.exists()
+    assert f"after 6 of 23 rows; those rows' predictions are in {partial}" in err
+    assert partial.read_text() == "\n".join(whole["p.csv"].splitlines()[:7]) + "\n"
+    assert list(tmp_path.glob(".stopped.tmp*")) == []
+
+
+def test_predict_into_a_closed_pipe_stops_quietly(tmp_path, toy_run):
+    """`textune predict ... | head -1`: no traceback once head has its line."""
+    rows = "\n".join(f"good film {i}" for i in range(20_000)) + "\n"
+    proc = subprocess.run(f"{sys.executable} -m textune predict {toy_run} --input - --quiet | "
+                          f"head -1", shell=True, input=rows, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.stdout.startswith("text,label,") and "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_cache_lists_sizes_and_clears_only_the_parts_named(tmp_path, monkeypatch, capsys):
     home = tmp_path / "home"
     monkeypatch.setenv("TEXTUNE_HOME", str(home))

@@ -298,7 +298,7 @@ def cmd_predict(a) -> int:
     import pandas as pd
 
     from .classifier import check_min_confidence, load
-    from .data import check_writable, frame_inputs, read_inputs, write_frame
+    from .data import FrameSink, check_writable, frame_inputs, read_inputs, write_frame
 
     if a.output and Path(a.output).exists() and not a.overwrite:
         raise UserError(f"--output {a.output}: exists; choose a new file or pass --overwrite")
@@ -327,25 +327,77 @@ def cmd_predict(a) -> int:
         df, table, keep = read_inputs(a.input, text_col=a.text_col, pair_col=pair_col,
                                       run_text_col=clf.config.data.text_col)
         texts, pairs = table.texts, table.pairs
-    probs = clf.predict_proba(texts, pairs, batch_size=a.batch_size, progress=not a.quiet)
-    # every input column and row kept, in order; rows without a text get blank predictions
-    out = clf.annotate(df, probs, keep, a.min_confidence)
-    if a.min_confidence is not None:
-        unsure = int((probs.max(1) < a.min_confidence).sum())
-        print(f"{unsure:,} of {len(keep):,} rows under confidence {a.min_confidence:g}: left "
-              f"unlabelled", file=sys.stderr)
-    if a.uncertain is not None:
+    if a.uncertain is not None:  # (the whole input ranked: every probability first)
+        probs = clf.predict_proba(texts, pairs, batch_size=a.batch_size, progress=not a.quiet)
+        # every input column and row kept, in order; rows without a text get blank predictions
+        out = clf.annotate(df, probs, keep, a.min_confidence)
+        if a.min_confidence is not None:
+            _report_unsure(int((probs.max(1) < a.min_confidence).sum()), a, len(keep))
         out = most_uncertain(out, clf.uncertainty(probs), keep, texts, pairs, a.uncertain)
+        if a.output:
+            write_frame(out, a.output)
+            print(f"the {len(out)} of {len(keep):,} rows the run is least sure of -> "
+                  f"{a.output}", file=sys.stderr)
+        elif a.jsonl:
+            out.to_json(sys.stdout, orient="records", lines=True, force_ascii=False)
+        else:
+            out.to_csv(sys.stdout, index=False)
+        return 0
+    sink = FrameSink(a.output, a.jsonl)
+    try:
+        unsure = _predict_stream(clf, df, texts, pairs, keep, a, sink)
+    except BaseException:
+        partial = sink.abort()
+        if partial is not None:
+            print(f"predict stopped after {sink.rows:,} of {len(df):,} rows; those rows' "
+                  f"predictions are in {partial}", file=sys.stderr)
+        raise
+    sink.close()
+    if a.min_confidence is not None:
+        _report_unsure(unsure, a, len(keep))
     if a.output:
-        write_frame(out, a.output)
-        what = f"{len(keep)} predictions" if a.uncertain is None else \
-            f"the {len(out)} of {len(keep):,} rows the run is least sure of"
-        print(f"{what} -> {a.output}", file=sys.stderr)
-    elif a.jsonl:
-        out.to_json(sys.stdout, orient="records", lines=True, force_ascii=False)
-    else:
-        out.to_csv(sys.stdout, index=False)
+        print(f"{len(keep)} predictions -> {a.output}", file=sys.stderr)
     return 0
+
+
+PREDICT_ROWS = 8192
+"""``textune predict`` reads the input whole, then tokenizes, scores and writes it this many
+rows at a time: memory stays bounded (the token ids of a million short texts took 1.7 GB at
+once) and the output grows as the work goes."""
+
+
+def _predict_stream(clf, df, texts, pairs, keep, a, sink) -> int:
+    """Every row of ``df`` through ``clf`` in slices of ``PREDICT_ROWS``, each annotated and
+    written to ``sink``; returns how many rows fell under ``--min-confidence``."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    keep_at = np.asarray(keep)
+    single = len(df) <= PREDICT_ROWS
+    unsure = 0
+    with tqdm(total=len(keep), desc="predict", disable=a.quiet or single, mininterval=1,
+              unit="text") as bar:
+        for r0 in range(0, len(df), PREDICT_ROWS):
+            r1 = min(len(df), r0 + PREDICT_ROWS)
+            lo, hi = (int(i) for i in np.searchsorted(keep_at, [r0, r1]))
+            if hi > lo:
+                probs = clf.predict_proba(texts[lo:hi], pairs[lo:hi] if pairs else None,
+                                          batch_size=a.batch_size,
+                                          progress=single and not a.quiet)
+            else:
+                probs = np.zeros((0, len(clf.names)), dtype=np.float32)
+            if a.min_confidence is not None:
+                unsure += int((probs.max(1, initial=0) < a.min_confidence).sum())
+            # every input column and row kept, in order; rows without a text get blanks
+            sink.write(clf.annotate(df.iloc[r0:r1], probs, list(keep_at[lo:hi] - r0),
+                                    a.min_confidence))
+            bar.update(hi - lo)
+    return unsure
+
+
+def _report_unsure(unsure: int, a, n: int) -> None:
+    print(f"{unsure:,} of {n:,} rows under confidence {a.min_confidence:g}: left unlabelled",
+          file=sys.stderr)
 
 
 def most_uncertain(out, unsure, keep: list[int], texts: list[str], pairs: list[str] | None,
@@ -996,6 +1048,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"textune: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of our output went away (`| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         if not launched_rank():  # (--num-processes: said once)
             print("textune: interrupted", file=sys.stderr)

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shlex
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -505,6 +506,67 @@ def write_frame(df, path: str | Path) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class FrameSink:
+    """Frames written one after another as one table: to ``path`` (its suffix names the format,
+    as :func:`write_frame`), or to standard output (CSV, or JSON lines with ``jsonl``). CSV,
+    TSV and JSON lines are appended as they come, beside ``path``, and moved into place by
+    :meth:`close`; Parquet and Excel frames are gathered and written at the end. :meth:`abort`
+    (the work stopped) keeps the rows written so far as ``<name>.partial<suffix>``."""
+
+    def __init__(self, path: str | Path | None, jsonl: bool = False):
+        self.path = Path(path) if path is not None else None
+        suffix = self.path.suffix.lower() if self.path else (".jsonl" if jsonl else ".csv")
+        self.format = "json" if suffix in (".jsonl", ".json", ".ndjson") else \
+            "tsv" if suffix in (".tsv", ".tab") else \
+            "gather" if suffix in (".parquet", ".xlsx", ".xlsm") else "csv"
+        self.rows = 0
+        self.frames: list = []
+        self.tmp: Path | None = None
+        self.handle = sys.stdout
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = self.path.with_name(f".{self.path.stem}.tmp{self.path.suffix}")
+            if self.format != "gather":
+                self.handle = open(self.tmp, "w", encoding="utf-8", newline="")
+
+    def write(self, df) -> None:
+        if self.format == "gather":
+            self.frames.append(df)
+        elif self.format == "json":
+            df.to_json(self.handle, orient="records", lines=True, force_ascii=False)
+        else:
+            df.to_csv(self.handle, sep="\t" if self.format == "tsv" else ",", index=False,
+                      header=self.rows == 0)
+        self.handle.flush()
+        self.rows += len(df)
+
+    def close(self) -> None:
+        if self.path is None:
+            return
+        if self.format == "gather":
+            import pandas as pd
+
+            write_frame(pd.concat(self.frames) if self.frames else pd.DataFrame(), self.path)
+            return
+        self.handle.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> Path | None:
+        """The rows written so far kept beside the output (its path), or nothing."""
+        if self.path is None or self.format == "gather":
+            return None
+        self.handle.close()
+        if not self.rows:
+            self.tmp.unlink(missing_ok=True)
+            return None
+        partial, n = self.path.with_name(f"{self.path.stem}.partial{self.path.suffix}"), 1
+        while partial.exists():  # (an earlier one is the user's now: kept)
+            n += 1
+            partial = self.path.with_name(f"{self.path.stem}.partial{n}{self.path.suffix}")
+        os.replace(self.tmp, partial)
+        return partial
 
 
 def _isna(v) -> bool:
