@@ -362,23 +362,26 @@ def cmd_predict(a) -> int:
 
 PREDICT_ROWS = 8192
 """``textune predict`` reads the input whole, then tokenizes, scores and writes it this many
-rows at a time: memory stays bounded (the token ids of a million short texts took 1.7 GB at
-once) and the output grows as the work goes."""
+rows at a time (8 times as many on a GPU, which scores ~5,000 texts a second and whose first
+tokenizing of a slice is not overlapped): memory stays bounded (the token ids of a million
+short texts took 1.7 GB at once) and the output grows as the work goes."""
 
 
 def _predict_stream(clf, df, texts, pairs, keep, a, sink) -> int:
     """Every row of ``df`` through ``clf`` in slices of ``PREDICT_ROWS``, each annotated and
     written to ``sink``; returns how many rows fell under ``--min-confidence``."""
     import numpy as np
+    import torch
     from tqdm.auto import tqdm
 
     keep_at = np.asarray(keep)
-    single = len(df) <= PREDICT_ROWS
+    step = PREDICT_ROWS * (8 if getattr(clf, "device", torch.device("cpu")).type == "cuda" else 1)
+    single = len(df) <= step
     unsure = 0
     with tqdm(total=len(keep), desc="predict", disable=a.quiet or single, mininterval=1,
               unit="text") as bar:
-        for r0 in range(0, len(df), PREDICT_ROWS):
-            r1 = min(len(df), r0 + PREDICT_ROWS)
+        for r0 in range(0, len(df), step):
+            r1 = min(len(df), r0 + step)
             lo, hi = (int(i) for i in np.searchsorted(keep_at, [r0, r1]))
             if hi > lo:
                 probs = clf.predict_proba(texts[lo:hi], pairs[lo:hi] if pairs else None,
