@@ -327,3 +327,32 @@ def test_frozen_weights_train_in_bf16_with_the_same_gradients():
     fast.restore()
     assert all(m.cast_input_dtype_enabled for m in lora_layers)
     assert cpu.fast_training(model, torch.device("cpu")).frozen is None  # fp32: nothing cast
+
+
+def test_kept_low_weights_are_reused_until_a_weight_changes(monkeypatch):
+    from textune.loop import FeatureData, predict_logits
+
+    made = []
+    real = cpu.LowWeights.__init__
+
+    def counting(self, model, dtype, frozen_only=False):
+        real(self, model, dtype, frozen_only)
+        made.append(len(self.params))
+
+    monkeypatch.setattr(cpu.LowWeights, "__init__", counting)
+    model, kept = _Tied(), cpu.KeptLowWeights()
+    data = FeatureData(torch.randn(37, 16), None)
+
+    def predict():
+        with kept(model, torch.device("cpu"), torch.bfloat16):
+            return predict_logits(model, data, 8, torch.device("cpu"), torch.bfloat16)
+
+    first = predict()
+    assert made == [2, 0]  # proj's weight and bias (the tied one left), then none left to cast
+    assert np.array_equal(predict(), first) and made == [2, 0, 0]  # kept: not cast again
+    with torch.no_grad():
+        model.proj.weight.mul_(2)  # trained further, in place
+    assert not np.array_equal(predict(), first) and made == [2, 0, 0, 2, 0]
+    assert model.proj.weight.dtype == torch.float32
+    ref = predict_logits(model, data, 8, torch.device("cpu"), torch.bfloat16)
+    assert np.array_equal(predict(), ref)  # the new weights' copies: the same numbers

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import cpu
 from .config import RunConfig
 from .data import Encoded, Table, encode
 from .errors import UserError
@@ -303,6 +304,7 @@ class Classifier(Predictor):
         self.thresholds = np.full(len(labels), 0.5) if self.multi_label else None
         """Multi-label: the probability at which each tag is predicted (chosen on the
         validation split after training, calibration.json; else 0.5)."""
+        self._low_weights = cpu.KeptLowWeights()
 
     def encode(self, texts: list[str], pairs: list[str] | None = None) -> Encoded:
         d = self.config.data
@@ -321,9 +323,10 @@ class Classifier(Predictor):
         if self.device.type != "cuda" or len(texts) <= 2 * self.CHUNK or \
                 self.config.data.truncation == "windows":
             enc = self.encode(texts, pairs)
-            return enc.pool(predict_logits(self.model, enc, batch_size, self.device,
-                                           self._amp(), progress=progress, desc="predict",
-                                           shard=False))
+            with self._low_weights(self.model, self.device, self._amp()):
+                return enc.pool(predict_logits(self.model, enc, batch_size, self.device,
+                                               self._amp(), progress=progress, desc="predict",
+                                               shard=False))
         return self._chunked_logits(texts, pairs, batch_size, progress)
 
     def embed(self, texts: list[str], pairs: list[str] | None = None,
@@ -334,7 +337,7 @@ class Classifier(Predictor):
 
         self._check_pairs(pairs)
         enc = self.encode(list(texts), pairs)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._low_weights(self.model, self.device, self._amp()):
             feats = _backbone_features(self.model, enc, self.config, self.device, self._amp(),
                                        progress, torch.device("cpu"))
         return enc.pool(feats.numpy())

@@ -119,6 +119,7 @@ class PromptScorer:
         self.dtype = dtype
         self._prefix_key: tuple | None = None
         self._prefix_cache = None
+        self._low_weights = cpu.KeptLowWeights()
 
     def _autocast(self):
         enabled = self.dtype is not None
@@ -148,7 +149,7 @@ class PromptScorer:
         order = np.argsort([-len(e) for e in parts.examples], kind="stable")  # length-sorted
         single = all(len(v) == 1 for v in parts.verbalizers)
         bar = tqdm(total=n, desc="prompt", disable=not progress, unit="text", mininterval=1)
-        with cpu.autocast_weights(self.model, self.device, self.dtype):
+        with self._low_weights(self.model, self.device, self.dtype):
             for s in range(0, n, batch_size):
                 idx = order[s:s + batch_size].tolist()
                 if kv_cache and single:
