@@ -356,3 +356,8 @@ def test_kept_low_weights_are_reused_until_a_weight_changes(monkeypatch):
     assert model.proj.weight.dtype == torch.float32
     ref = predict_logits(model, data, 8, torch.device("cpu"), torch.bfloat16)
     assert np.array_equal(predict(), ref)  # the new weights' copies: the same numbers
+    import copy
+    import pickle
+
+    again = pickle.loads(pickle.dumps(kept))  # (a classifier pickled, or deep-copied)
+    assert again.low is None and copy.deepcopy(kept).low is None

@@ -186,6 +186,12 @@ class KeptLowWeights:
         self.stamp: list[tuple[int, int, int]] = []
         self.lock = threading.Lock()
 
+    def __getstate__(self) -> dict:  # (a classifier pickled or deep-copied: made anew)
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
     @contextlib.contextmanager
     def __call__(self, model: nn.Module, device: torch.device, amp: torch.dtype | None):
         if device.type != "cpu" or amp is not torch.bfloat16 or not enabled():
