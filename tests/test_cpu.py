@@ -295,6 +295,7 @@ def test_inference_casts_linear_weights_once_with_the_same_numbers(monkeypatch):
         assert model.proj.weight.dtype == torch.float32
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing`:FutureWarning")  # (PEFT's call)
 def test_frozen_weights_train_in_bf16_with_the_same_gradients():
     from peft import LoraConfig, get_peft_model
 
