@@ -499,6 +499,11 @@ def test_predict_streams_slices_as_one_table_and_keeps_the_rows_done(capsys, tmp
     assert f"after 6 of 23 rows; those rows' predictions are in {partial}" in err
     assert partial.read_text() == "\n".join(whole["p.csv"].splitlines()[:7]) + "\n"
     assert list(tmp_path.glob(".stopped.tmp*")) == []
+    calls.clear()  # stopped again: the first partial file is kept, the second beside it
+    code, _, err = run_cli(capsys, "predict", str(toy_run), "--input", str(tmp_path / "pool.csv"),
+                           "--output", str(dest), "--quiet")
+    assert code == 130 and str(tmp_path / "stopped.partial2.csv") in err
+    assert partial.read_text() == (tmp_path / "stopped.partial2.csv").read_text()
 
 
 def test_predict_into_a_closed_pipe_stops_quietly(tmp_path, toy_run):
