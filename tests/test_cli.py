@@ -499,11 +499,52 @@ def test_predict_streams_slices_as_one_table_and_keeps_the_rows_done(capsys, tmp
     assert f"after 6 of 23 rows; those rows' predictions are in {partial}" in err
     assert partial.read_text() == "\n".join(whole["p.csv"].splitlines()[:7]) + "\n"
     assert list(tmp_path.glob(".stopped.tmp*")) == []
+    assert "the same command with --resume continues" in err
     calls.clear()  # stopped again: the first partial file is kept, the second beside it
     code, _, err = run_cli(capsys, "predict", str(toy_run), "--input", str(tmp_path / "pool.csv"),
                            "--output", str(dest), "--quiet")
     assert code == 130 and str(tmp_path / "stopped.partial2.csv") in err
     assert partial.read_text() == (tmp_path / "stopped.partial2.csv").read_text()
+    assert "--resume" not in err  # (--resume reads stopped.partial.csv, not this one)
+    # --resume: the kept rows, then the rest; the same bytes as one uninterrupted run
+    monkeypatch.setattr(Classifier, "predict_proba", real)
+    calls.clear()
+    other = tmp_path / "other.csv"
+    pool.iloc[::-1].to_csv(other, index=False)
+    for args, said in ((["--input", str(other)], "differ at row 1"),
+                       (["--input", str(tmp_path / "pool.csv"), "--uncertain", "3"],
+                        "not with --uncertain"),
+                       (["--input", str(tmp_path / "pool.csv"), "--output",
+                         str(tmp_path / "none.csv")], "no " + str(tmp_path / "none.partial.csv")),
+                       (["--input", str(tmp_path / "pool.csv"), "--output",
+                         str(tmp_path / "p.parquet")], "written at the end")):
+        if "--output" not in args:
+            args += ["--output", str(dest)]
+        code, _, err = run_cli(capsys, "predict", str(toy_run), *args, "--resume", "--quiet")
+        assert code == 2 and said in one_line_error(err), args
+    assert partial.exists() and not dest.exists()  # refused: nothing touched
+    (tmp_path / "empty.partial.csv").write_text("")
+    code, _, err = run_cli(capsys, "predict", str(toy_run), "--input", str(tmp_path / "pool.csv"),
+                           "--output", str(tmp_path / "empty.csv"), "--resume", "--quiet")
+    assert code == 2 and "cannot read" in one_line_error(err)
+    code, _, err = run_cli(capsys, "predict", str(toy_run), "--input", str(tmp_path / "pool.csv"),
+                           "--output", str(dest), "--resume", "--min-confidence", "0.6",
+                           "--quiet")
+    assert code == 0, err
+    assert dest.read_text() == whole["p.csv"] and not partial.exists()
+    assert "the first 6 rows from the stopped run" in err
+    assert "rows predicted now (after the 6 resumed)" in err
+    # JSON lines too (its cells read back as strings to compare the texts)
+    monkeypatch.setattr(Classifier, "predict_proba", dies)
+    dest = tmp_path / "stopped.jsonl"
+    code, _, err = run_cli(capsys, "predict", str(toy_run), "--input", str(tmp_path / "pool.csv"),
+                           "--output", str(dest), "--min-confidence", "0.6", "--quiet")
+    assert code == 130 and (tmp_path / "stopped.partial.jsonl").exists()
+    monkeypatch.setattr(Classifier, "predict_proba", real)
+    code, _, err = run_cli(capsys, "predict", str(toy_run), "--input", str(tmp_path / "pool.csv"),
+                           "--output", str(dest), "--min-confidence", "0.6", "--resume",
+                           "--quiet")
+    assert code == 0 and dest.read_text() == whole["p.jsonl"], err
 
 
 def test_predict_into_a_closed_pipe_stops_quietly(tmp_path, toy_run):

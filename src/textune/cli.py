@@ -295,6 +295,7 @@ def cmd_eval(a) -> int:
 
 
 def cmd_predict(a) -> int:
+    import numpy as np
     import pandas as pd
 
     from .classifier import check_min_confidence, load
@@ -305,6 +306,8 @@ def cmd_predict(a) -> int:
     if a.uncertain is not None and a.uncertain < 1:
         raise UserError(f"--uncertain {a.uncertain}: give how many rows to pick, 1 or more")
     check_min_confidence(a.min_confidence)  # (before loading the model)
+    if a.resume:
+        check_resume(a)
     if a.output:
         check_writable(a.output)
     clf = load(a.run)
@@ -343,21 +346,73 @@ def cmd_predict(a) -> int:
         else:
             out.to_csv(sys.stdout, index=False)
         return 0
-    sink = FrameSink(a.output, a.jsonl)
+    start = resumed_rows(clf, df, table, a) if a.resume else 0
+    sink = FrameSink(a.output, a.jsonl, resume=start)
     try:
-        unsure = _predict_stream(clf, df, texts, pairs, keep, a, sink)
+        unsure = _predict_stream(clf, df, texts, pairs, keep, a, sink, start)
     except BaseException:
         partial = sink.abort()
         if partial is not None:
             print(f"predict stopped after {sink.rows:,} of {len(df):,} rows; those rows' "
-                  f"predictions are in {partial}", file=sys.stderr)
+                  f"predictions are in {partial}" + (
+                      "; the same command with --resume continues from there"
+                      if partial == FrameSink.partial(Path(a.output)) else ""),
+                  file=sys.stderr)
         raise
     sink.close()
     if a.min_confidence is not None:
-        _report_unsure(unsure, a, len(keep))
+        what = "rows" if not start else f"rows predicted now (after the {start:,} resumed)"
+        _report_unsure(unsure, a, len(keep) if not start else
+                       len(keep) - int(np.searchsorted(keep, start)), what)
     if a.output:
-        print(f"{len(keep)} predictions -> {a.output}", file=sys.stderr)
+        print(f"{len(keep)} predictions -> {a.output}" +
+              (f" (the first {start:,} rows from the stopped run)" if start else ""),
+              file=sys.stderr)
     return 0
+
+
+def check_resume(a) -> None:
+    """``predict --resume``, before the model loads: the flags it goes with, and a partial file
+    to continue."""
+    from .data import FrameSink
+
+    if not a.output or a.uncertain is not None:
+        raise UserError("--resume: give the --output of the predict that stopped" if not a.output
+                        else "--resume: not with --uncertain (it ranks the whole input at once)")
+    out = Path(a.output)
+    if FrameSink.format_of(out) == "gather":
+        raise UserError(f"--resume: {out.suffix} output is written at the end, so a stopped run "
+                        f"left nothing to resume; predict to .csv, .tsv or .jsonl")
+    if not FrameSink.partial(out).is_file():
+        raise UserError(f"--resume: no {FrameSink.partial(out)} to continue from; run without "
+                        f"--resume")
+
+
+def resumed_rows(clf, df, table, a) -> int:
+    """How many of the input's rows the partial file of a stopped ``predict`` holds, after
+    checking they are this input's first rows, with the columns this run writes."""
+    import numpy as np
+
+    from .data import FrameSink, _strings
+
+    out = Path(a.output)
+    part = FrameSink.partial(out)
+    try:
+        done = FrameSink.read_partial(out)
+    except ValueError as e:  # (pandas' parser and empty-file errors)
+        raise UserError(f"--resume: cannot read {part} ({str(e).splitlines()[0][:120]}); "
+                        f"predict to another --output, or remove it") from None
+    want = [str(c) for c in clf.annotate(df.iloc[:0], np.zeros((0, len(clf.names))), []).columns]
+    if [str(c) for c in done.columns] != want:
+        raise UserError(f"--resume: {part} has other columns than this run writes for "
+                        f"--input {a.input}; predict to another --output, or remove it")
+    n, col = len(done), table.text_col
+    if n > len(df) or _strings(done[col]) != _strings(df[col].iloc[:n]):
+        row = next((i for i, (x, y) in enumerate(zip(_strings(done[col]),
+                                                     _strings(df[col].iloc[:n]))) if x != y), n)
+        raise UserError(f"--resume: {part} is not the first rows of --input {a.input} (they "
+                        f"differ at row {row + 1}); predict to another --output, or remove it")
+    return n
 
 
 PREDICT_ROWS = 8192
@@ -367,20 +422,20 @@ tokenizing of a slice is not overlapped): memory stays bounded (the token ids of
 short texts took 1.7 GB at once) and the output grows as the work goes."""
 
 
-def _predict_stream(clf, df, texts, pairs, keep, a, sink) -> int:
-    """Every row of ``df`` through ``clf`` in slices of ``PREDICT_ROWS``, each annotated and
-    written to ``sink``; returns how many rows fell under ``--min-confidence``."""
+def _predict_stream(clf, df, texts, pairs, keep, a, sink, start: int = 0) -> int:
+    """The rows of ``df`` from ``start`` on through ``clf`` in slices of ``PREDICT_ROWS``, each
+    annotated and written to ``sink``; returns how many fell under ``--min-confidence``."""
     import numpy as np
     import torch
     from tqdm.auto import tqdm
 
     keep_at = np.asarray(keep)
     step = PREDICT_ROWS * (8 if getattr(clf, "device", torch.device("cpu")).type == "cuda" else 1)
-    single = len(df) <= step
+    single = len(df) - start <= step
     unsure = 0
-    with tqdm(total=len(keep), desc="predict", disable=a.quiet or single, mininterval=1,
-              unit="text") as bar:
-        for r0 in range(0, len(df), step):
+    with tqdm(total=len(keep) - int(np.searchsorted(keep_at, start)), desc="predict",
+              disable=a.quiet or single, mininterval=1, unit="text") as bar:
+        for r0 in range(start, len(df), step):
             r1 = min(len(df), r0 + step)
             lo, hi = (int(i) for i in np.searchsorted(keep_at, [r0, r1]))
             if hi > lo:
@@ -398,8 +453,8 @@ def _predict_stream(clf, df, texts, pairs, keep, a, sink) -> int:
     return unsure
 
 
-def _report_unsure(unsure: int, a, n: int) -> None:
-    print(f"{unsure:,} of {n:,} rows under confidence {a.min_confidence:g}: left unlabelled",
+def _report_unsure(unsure: int, a, n: int, what: str = "rows") -> None:
+    print(f"{unsure:,} of {n:,} {what} under confidence {a.min_confidence:g}: left unlabelled",
           file=sys.stderr)
 
 
@@ -809,6 +864,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only the N rows the run is least sure of, most unsure first, with an "
                         "uncertainty column and the input row: the rows worth labelling next")
     r.add_argument("--overwrite", action="store_true")
+    r.add_argument("--resume", action="store_true",
+                   help="continue a predict that was stopped: the rows in its --output's "
+                        "<name>.partial file are kept, the rest predicted after them")
     read_as_args(r)
     common(r)
     r.set_defaults(func=cmd_predict)

@@ -45,6 +45,8 @@ class Table:
     rows: list[int] | None = None
     """Each row's place in its file (0-based data rows, header excluded), where it came from
     one: rows with an empty text or no label were dropped, so these can skip numbers."""
+    text_col: str | None = None
+    """The column the texts were read from (inputs to predict)."""
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -434,7 +436,7 @@ def frame_inputs(df, path, *, text_col: str | None = None, pair_col: str | None 
     pairs = None
     if pcol is not None:
         pairs = _strings(df[pcol].iloc[keep])
-    return df, Table([texts[i] for i in keep], None, pairs, str(path)), keep
+    return df, Table([texts[i] for i in keep], None, pairs, str(path), text_col=tcol), keep
 
 
 def _engine(suffix: str) -> str | None:
@@ -515,12 +517,9 @@ class FrameSink:
     :meth:`close`; Parquet and Excel frames are gathered and written at the end. :meth:`abort`
     (the work stopped) keeps the rows written so far as ``<name>.partial<suffix>``."""
 
-    def __init__(self, path: str | Path | None, jsonl: bool = False):
+    def __init__(self, path: str | Path | None, jsonl: bool = False, resume: int = 0):
         self.path = Path(path) if path is not None else None
-        suffix = self.path.suffix.lower() if self.path else (".jsonl" if jsonl else ".csv")
-        self.format = "json" if suffix in (".jsonl", ".json", ".ndjson") else \
-            "tsv" if suffix in (".tsv", ".tab") else \
-            "gather" if suffix in (".parquet", ".xlsx", ".xlsm") else "csv"
+        self.format = self.format_of(self.path, jsonl)
         self.rows = 0
         self.frames: list = []
         self.tmp: Path | None = None
@@ -528,8 +527,36 @@ class FrameSink:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.tmp = self.path.with_name(f".{self.path.stem}.tmp{self.path.suffix}")
+            if resume:  # (the partial file's rows, checked by the caller: appended to)
+                os.replace(self.partial(self.path), self.tmp)
+                self.rows = resume
             if self.format != "gather":
-                self.handle = open(self.tmp, "w", encoding="utf-8", newline="")
+                self.handle = open(self.tmp, "a" if resume else "w", encoding="utf-8",
+                                   newline="")
+
+    @staticmethod
+    def format_of(path: Path | None, jsonl: bool = False) -> str:
+        suffix = path.suffix.lower() if path else (".jsonl" if jsonl else ".csv")
+        return "json" if suffix in (".jsonl", ".json", ".ndjson") else \
+            "tsv" if suffix in (".tsv", ".tab") else \
+            "gather" if suffix in (".parquet", ".xlsx", ".xlsm") else "csv"
+
+    @staticmethod
+    def partial(path: Path, n: int = 1) -> Path:
+        """Where the rows of a stopped run go (``n``: the n-th such file)."""
+        return path.with_name(f"{path.stem}.partial{n if n > 1 else ''}{path.suffix}")
+
+    @classmethod
+    def read_partial(cls, path: Path):
+        """The partial file of ``path``'s stopped run, every cell a string ("" if empty)."""
+        import pandas as pd
+
+        part = cls.partial(path)
+        if cls.format_of(path) == "json":
+            df = pd.read_json(part, orient="records", lines=True, dtype=False)
+            return df.astype(object).map(lambda v: "" if _isna(v) else str(v))
+        return pd.read_csv(part, sep="\t" if cls.format_of(path) == "tsv" else ",", dtype=str,
+                           keep_default_na=False)
 
     def write(self, df) -> None:
         if self.format == "gather":
@@ -561,10 +588,10 @@ class FrameSink:
         if not self.rows:
             self.tmp.unlink(missing_ok=True)
             return None
-        partial, n = self.path.with_name(f"{self.path.stem}.partial{self.path.suffix}"), 1
+        partial, n = self.partial(self.path), 1
         while partial.exists():  # (an earlier one is the user's now: kept)
             n += 1
-            partial = self.path.with_name(f"{self.path.stem}.partial{n}{self.path.suffix}")
+            partial = self.partial(self.path, n)
         os.replace(self.tmp, partial)
         return partial
 
