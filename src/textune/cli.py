@@ -295,7 +295,6 @@ def cmd_eval(a) -> int:
 
 
 def cmd_predict(a) -> int:
-    import numpy as np
     import pandas as pd
 
     from .classifier import check_min_confidence, load
@@ -349,7 +348,7 @@ def cmd_predict(a) -> int:
     start = resumed_rows(clf, df, table, a) if a.resume else 0
     sink = FrameSink(a.output, a.jsonl, resume=start)
     try:
-        unsure = _predict_stream(clf, df, texts, pairs, keep, a, sink, start)
+        unsure, scored = _predict_stream(clf, df, texts, pairs, keep, a, sink, start)
     except BaseException:
         partial = sink.abort()
         if partial is not None:
@@ -362,8 +361,7 @@ def cmd_predict(a) -> int:
     sink.close()
     if a.min_confidence is not None:
         what = "rows" if not start else f"rows predicted now (after the {start:,} resumed)"
-        _report_unsure(unsure, a, len(keep) if not start else
-                       len(keep) - int(np.searchsorted(keep, start)), what)
+        _report_unsure(unsure, a, scored, what)
     if a.output:
         print(f"{len(keep)} predictions -> {a.output}" +
               (f" (the first {start:,} rows from the stopped run)" if start else ""),
@@ -407,9 +405,9 @@ def resumed_rows(clf, df, table, a) -> int:
         raise UserError(f"--resume: {part} has other columns than this run writes for "
                         f"--input {a.input}; predict to another --output, or remove it")
     n, col = len(done), table.text_col
-    if n > len(df) or _strings(done[col]) != _strings(df[col].iloc[:n]):
-        row = next((i for i, (x, y) in enumerate(zip(_strings(done[col]),
-                                                     _strings(df[col].iloc[:n]))) if x != y), n)
+    kept, given = _strings(done[col]), _strings(df[col].iloc[:n])
+    if kept != given:  # (also when the partial file holds more rows than the input)
+        row = next((i for i, (x, y) in enumerate(zip(kept, given)) if x != y), len(given))
         raise UserError(f"--resume: {part} is not the first rows of --input {a.input} (they "
                         f"differ at row {row + 1}); predict to another --output, or remove it")
     return n
@@ -422,9 +420,10 @@ tokenizing of a slice is not overlapped): memory stays bounded (the token ids of
 short texts took 1.7 GB at once) and the output grows as the work goes."""
 
 
-def _predict_stream(clf, df, texts, pairs, keep, a, sink, start: int = 0) -> int:
+def _predict_stream(clf, df, texts, pairs, keep, a, sink, start: int = 0) -> tuple[int, int]:
     """The rows of ``df`` from ``start`` on through ``clf`` in slices of ``PREDICT_ROWS``, each
-    annotated and written to ``sink``; returns how many fell under ``--min-confidence``."""
+    annotated and written to ``sink``; returns how many fell under ``--min-confidence``, and
+    how many texts were scored."""
     import numpy as np
     import torch
     from tqdm.auto import tqdm
@@ -432,9 +431,9 @@ def _predict_stream(clf, df, texts, pairs, keep, a, sink, start: int = 0) -> int
     keep_at = np.asarray(keep)
     step = PREDICT_ROWS * (8 if getattr(clf, "device", torch.device("cpu")).type == "cuda" else 1)
     single = len(df) - start <= step
-    unsure = 0
-    with tqdm(total=len(keep) - int(np.searchsorted(keep_at, start)), desc="predict",
-              disable=a.quiet or single, mininterval=1, unit="text") as bar:
+    unsure, scored = 0, len(keep) - int(np.searchsorted(keep_at, start))
+    with tqdm(total=scored, desc="predict", disable=a.quiet or single, mininterval=1,
+              unit="text") as bar:
         for r0 in range(start, len(df), step):
             r1 = min(len(df), r0 + step)
             lo, hi = (int(i) for i in np.searchsorted(keep_at, [r0, r1]))
@@ -450,7 +449,7 @@ def _predict_stream(clf, df, texts, pairs, keep, a, sink, start: int = 0) -> int
             sink.write(clf.annotate(df.iloc[r0:r1], probs, list(keep_at[lo:hi] - r0),
                                     a.min_confidence))
             bar.update(hi - lo)
-    return unsure
+    return unsure, scored
 
 
 def _report_unsure(unsure: int, a, n: int, what: str = "rows") -> None:
