@@ -488,23 +488,31 @@ def _lines(path: Path, run_text_col: str | None = None):
     return pd.DataFrame({"text": lines})
 
 
+def output_format(path: Path | None, jsonl: bool = False) -> str:
+    """What an output's suffix names: json (lines), tsv, parquet, excel or csv (the default;
+    no path: standard output, CSV or ``jsonl``)."""
+    suffix = path.suffix.lower() if path else (".jsonl" if jsonl else ".csv")
+    return {".jsonl": "json", ".json": "json", ".ndjson": "json", ".tsv": "tsv", ".tab": "tsv",
+            ".parquet": "parquet", ".xlsx": "excel", ".xlsm": "excel"}.get(suffix, "csv")
+
+
 def write_frame(df, path: str | Path) -> None:
     """``df`` to ``path`` in the format its suffix names: .jsonl/.json (one object a line),
     .tsv, .parquet, .xlsx, otherwise CSV. Written beside it and moved into place, so a failed
     write leaves whatever was there."""
     path = Path(path)
-    suffix = path.suffix.lower()
+    kind = output_format(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
-        if suffix in (".jsonl", ".json", ".ndjson"):
+        if kind == "json":
             df.to_json(tmp, orient="records", lines=True, force_ascii=False)
-        elif suffix == ".parquet":
+        elif kind == "parquet":
             df.to_parquet(tmp, index=False)
-        elif suffix in (".xlsx", ".xlsm"):
+        elif kind == "excel":
             df.to_excel(tmp, index=False)
         else:
-            df.to_csv(tmp, sep="\t" if suffix in (".tsv", ".tab") else ",", index=False)
+            df.to_csv(tmp, sep="\t" if kind == "tsv" else ",", index=False)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -520,6 +528,7 @@ class FrameSink:
     def __init__(self, path: str | Path | None, jsonl: bool = False, resume: int = 0):
         self.path = Path(path) if path is not None else None
         self.format = self.format_of(self.path, jsonl)
+        """json, tsv or csv (appended as they come), or gather (written at the end)."""
         self.rows = 0
         self.frames: list = []
         self.tmp: Path | None = None
@@ -536,10 +545,8 @@ class FrameSink:
 
     @staticmethod
     def format_of(path: Path | None, jsonl: bool = False) -> str:
-        suffix = path.suffix.lower() if path else (".jsonl" if jsonl else ".csv")
-        return "json" if suffix in (".jsonl", ".json", ".ndjson") else \
-            "tsv" if suffix in (".tsv", ".tab") else \
-            "gather" if suffix in (".parquet", ".xlsx", ".xlsm") else "csv"
+        kind = output_format(path, jsonl)
+        return "gather" if kind in ("parquet", "excel") else kind
 
     @staticmethod
     def partial(path: Path, n: int = 1) -> Path:
@@ -551,11 +558,11 @@ class FrameSink:
         """The partial file of ``path``'s stopped run, every cell a string ("" if empty)."""
         import pandas as pd
 
-        part = cls.partial(path)
-        if cls.format_of(path) == "json":
+        part, kind = cls.partial(path), output_format(path)
+        if kind == "json":
             df = pd.read_json(part, orient="records", lines=True, dtype=False)
             return df.astype(object).map(lambda v: "" if _isna(v) else str(v))
-        return pd.read_csv(part, sep="\t" if cls.format_of(path) == "tsv" else ",", dtype=str,
+        return pd.read_csv(part, sep="\t" if kind == "tsv" else ",", dtype=str,
                            keep_default_na=False)
 
     def write(self, df) -> None:
