@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .config import RunConfig
-from .multirun import table_cell, train_in_subprocess
+from .multirun import run_recorded, table_cell
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -116,13 +116,9 @@ def run_cv(base: RunConfig, folds: int, out: Path, *, progress: bool = True,
         cfg.data.folds, cfg.data.fold = folds, k
         cfg.out = str(out / f"fold-{k}")
         log.info("=== fold %d of %d ===", k + 1, folds)
-        status, m = train_in_subprocess(cfg, progress, processes)
-        if status != "ok":
-            log.error("fold %d failed: %s", k, status)
-        runs.append({"fold": k, "status": "ok" if status == "ok" else f"failed: {status}",
-                     "run": cfg.out, **{key: m.get(key) for key in (
-                         "accuracy", "macro_f1", "train_seconds", "n_eval")},
-                     "train_rows": (m.get("splits") or {}).get("train")})
+        record, m = run_recorded(cfg, progress, processes,
+                                 ("accuracy", "macro_f1", "train_seconds", "n_eval"), f"fold {k}")
+        runs.append({"fold": k, **record, "train_rows": (m.get("splits") or {}).get("train")})
     summary = pool(runs, out, base, folds, fold_rows)
     (out / "cv.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "cv.md").write_text(markdown(summary) + "\n")

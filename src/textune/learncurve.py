@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .config import RunConfig
 from .errors import UserError
-from .multirun import table_cell, train_in_subprocess
+from .multirun import run_recorded, table_cell
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +103,9 @@ def run_curve(base: RunConfig, sizes: str | None, out: Path, *, progress: bool =
         cfg.data.limit = None if n == n_train else n
         cfg.out = str(out / f"rows-{n}")
         log.info("=== %s on %d training rows ===", cfg.strategy.name, n)
-        status, m = train_in_subprocess(cfg, progress, processes)
-        if status != "ok":
-            log.error("%d rows failed: %s", n, status)
-        rows.append({"rows": n, "status": "ok" if status == "ok" else f"failed: {status}",
-                     "run": cfg.out, **{k: m.get(k) for k in (
-                         "accuracy", "accuracy_ci95", "macro_f1", "train_seconds", "n_eval")}})
+        record, _ = run_recorded(cfg, progress, processes, (
+            "accuracy", "accuracy_ci95", "macro_f1", "train_seconds", "n_eval"), f"{n} rows")
+        rows.append({"rows": n, **record})
         write_outputs(out, rows, base, n_train)
     return rows
 

@@ -94,11 +94,8 @@ def run_compare(base: RunConfig, strategies: list[str], out: Path, *,
             cfg.train.seed = seed
             cfg.out = str(out / name / f"seed-{seed}" if len(seeds) > 1 else out / name)
             log.info("=== %s%s ===", name, f" (seed {seed})" if len(seeds) > 1 else "")
-            status, m = train_in_subprocess(cfg, progress, processes)
-            if status != "ok":  # one failure must not lose the others
-                log.error("%s failed: %s", name, status)
-            runs.append({"seed": seed, "status": "ok" if status == "ok" else f"failed: {status}",
-                         "run": cfg.out, **{k: m.get(k) for k in METRICS}})
+            record, _ = run_recorded(cfg, progress, processes, METRICS, name)
+            runs.append({"seed": seed, **record})
             write_outputs(out, [*rows, _row(name, runs, len(seeds) > 1)], base, seeds)
         rows.append(_row(name, runs, len(seeds) > 1))
     return rows
@@ -144,6 +141,18 @@ def _context():
         ctx.set_forkserver_preload(PRELOAD)  # (no effect once the server runs)
         return ctx
     return mp.get_context("spawn")
+
+
+def run_recorded(cfg: RunConfig, progress: bool, processes: int, keys, what: str
+                 ) -> tuple[dict, dict]:
+    """:func:`train_in_subprocess`, a failure logged as ``what`` (one must not lose the
+    others): the run's record (``status``, ``run`` folder and the metrics named by ``keys``,
+    as compare, curve, cv and tune tabulate them) and all its metrics."""
+    status, m = train_in_subprocess(cfg, progress, processes)
+    if status != "ok":
+        log.error("%s failed: %s", what, status)
+    return {"status": "ok" if status == "ok" else f"failed: {status}", "run": cfg.out,
+            **{k: m.get(k) for k in keys}}, m
 
 
 def train_in_subprocess(cfg: RunConfig, progress: bool, processes: int = 1

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .config import RunConfig
 from .errors import UserError
-from .multirun import table_cell, train_in_subprocess
+from .multirun import run_recorded, table_cell
 
 log = logging.getLogger(__name__)
 
@@ -206,13 +206,10 @@ def run_tune(base: RunConfig, combos: list[dict], out: Path, *, seeds: list[int]
             log.info("=== run %d of %d: %s%s ===", done + 1, total,
                      " ".join(f"{k}={v}" for k, v in c["settings"].items()),
                      f" (seed {seed})" if len(seeds) > 1 else "")
-            status, m = train_in_subprocess(cfg, progress, processes)
-            if status != "ok":
-                log.error("%s failed: %s", c["name"], status)
-            runs.append({"seed": seed, "status": "ok" if status == "ok" else f"failed: {status}",
-                         "run": cfg.out, **{k: m.get(k) for k in (
-                             "best_val_macro_f1", "best_epoch", "epochs_run", "stopped_early",
-                             "accuracy", "accuracy_ci95", "macro_f1", "train_seconds")}})
+            record, _ = run_recorded(cfg, progress, processes, (
+                "best_val_macro_f1", "best_epoch", "epochs_run", "stopped_early", "accuracy",
+                "accuracy_ci95", "macro_f1", "train_seconds"), c["name"])
+            runs.append({"seed": seed, **record})
         rows.append(_row(c, runs))
         summary = choose(rows, n_val)
         write_outputs(out, summary, base, seeds)
